@@ -1,0 +1,96 @@
+"""Architectures as data: which config keys give the MoE geometry, how tensors are named, what each tensor is.
+
+One table for HF safetensors checkpoints and GGUF files; nothing here is a class per model.
+"""
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Flags the runtime and layout need beyond tensor names."""
+
+    model_type: str  # transformers config model_type
+    gguf_arch: str  # GGUF general.architecture
+    shared_experts: bool = False
+    expert_bias: bool = False  # gpt-oss: experts carry biases
+    fused_transposed: bool = False  # gpt-oss: gate_up stored [H, 2I], interleaved gate/up columns
+
+
+ARCHITECTURES: dict[str, Arch] = {
+    a.model_type: a
+    for a in (
+        Arch("qwen3_moe", "qwen3moe"),
+        Arch("qwen2_moe", "qwen2moe", shared_experts=True),
+        Arch("mixtral", "llama"),
+        Arch("olmoe", "olmoe"),
+        Arch("deepseek_v2", "deepseek2", shared_experts=True),
+        Arch("deepseek_v3", "deepseek2", shared_experts=True),
+        Arch("gpt_oss", "gpt-oss", expert_bias=True, fused_transposed=True),
+        Arch("granitemoe", "granitemoe"),
+    )
+}
+GGUF_ARCHITECTURES = {"qwen3moe", "qwen2moe", "llama", "olmoe", "deepseek2", "gpt-oss", "granitemoe"}
+
+# Config keys, first present wins.
+NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk")
+
+# Expert tensors. Each rule: regex with groups (layer, [expert,] name[, suffix]); `stacked` means the tensor
+# holds all experts of the layer along its first (slowest) dimension.
+ROLE_NAMES = {
+    "gate_proj": "gate", "w1": "gate", "gate": "gate",
+    "up_proj": "up", "w3": "up", "up": "up",
+    "down_proj": "down", "w2": "down", "down": "down",
+    "gate_up_proj": "gate_up", "gate_up": "gate_up", "input_linear": "gate_up", "output_linear": "down",
+}
+SUFFIX_NAMES = {None: "", "weight": "", "bias": "_bias", "_bias": "_bias", "_blocks": "_blocks", "_scales": "_scales"}
+
+
+@dataclass(frozen=True)
+class ExpertRule:
+    pattern: re.Pattern
+    stacked: bool
+
+
+EXPERT_RULES = (
+    # HF per-expert 2D tensors: qwen2/3_moe, olmoe, deepseek (mlp.experts.E.gate_proj), mixtral (w1/w3/w2)
+    ExpertRule(re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$"), False),
+    # HF stacked: gpt-oss (mlp.experts.gate_up_proj[_bias|_blocks|_scales]), granitemoe (input/output_linear)
+    ExpertRule(re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?$"), True),
+    ExpertRule(re.compile(r"layers\.(\d+)\.block_sparse_moe\.(input_linear|output_linear)\.(weight)$"), True),
+    # GGUF stacked: blk.N.ffn_{gate,up,down,gate_up}_exps.{weight,bias}
+    ExpertRule(re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.(weight|bias)$"), True),
+)
+
+# Resident tensors by name, first match wins.
+RESIDENT_CATEGORIES = (
+    (re.compile(r"embed_tokens|token_embd|\bwte\b"), "embeddings"),
+    (re.compile(r"lm_head|^output\.weight$"), "lm_head"),
+    (re.compile(r"shared_expert|shexp"), "shared_expert"),
+    (re.compile(r"\.mlp\.gate\.|\.gate\.weight$|router|ffn_gate_inp|e_score_correction|exp_probs_b"), "router"),
+    (re.compile(r"norm"), "norm"),
+    (re.compile(r"self_attn|attn_|\.attention\.|sinks"), "attention"),
+    (re.compile(r"\.mlp\.(gate|up|down)_proj|ffn_(gate|up|down)\.|\.mlp\.|\.ffn_"), "dense_mlp"),
+)
+
+
+def match_expert(name: str) -> tuple[int, int | None, str] | None:
+    """(layer, expert or None if stacked, role) for an expert tensor name, else None."""
+    for rule in EXPERT_RULES:
+        m = rule.pattern.search(name)
+        if m:
+            groups = m.groups()
+            if rule.stacked:
+                layer, base, suffix = int(groups[0]), groups[1], groups[2]
+                return layer, None, ROLE_NAMES[base] + SUFFIX_NAMES[suffix]
+            return int(groups[0]), int(groups[1]), ROLE_NAMES[groups[2]]
+    return None
+
+
+def resident_category(name: str) -> str:
+    for pattern, category in RESIDENT_CATEGORIES:
+        if pattern.search(name):
+            return category
+    return "other"

@@ -1,0 +1,70 @@
+"""Memory plan: how a byte promise splits into resident weights, a reserve, and the expert cache."""
+
+from dataclasses import asdict, dataclass
+
+from .layout import Layout
+
+MiB = 2**20
+RUNTIME_OVERHEAD = 640 * MiB
+"""Python, torch, transformers and tokenizer loaded and idle (RSS measured on Linux, torch 2.13 CPU: about 550 MiB)."""
+ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN = 64
+"""Prefill activations: a generous multiple of tokens x hidden x 4 bytes kept live at once."""
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    max_memory: int
+    resident_bytes: int
+    reserve_bytes: int
+    cache_bytes: int  # what is left for expert slices; negative when the promise does not fit
+    slice_bytes: int
+    min_cache_bytes: int  # one layer's top-k slices pinned at once
+    cache_slices: int
+    cache_fraction: float
+
+    @property
+    def fits(self) -> bool:
+        return self.cache_bytes >= self.min_cache_bytes
+
+    @property
+    def shortfall(self) -> int:
+        """Bytes missing for the minimum cache (0 when it fits)."""
+        return max(0, self.min_cache_bytes - self.cache_bytes)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fits": self.fits, "shortfall": self.shortfall}
+
+
+def _geometry(layout: Layout) -> tuple[int, int, int]:
+    """(hidden size, KV heads x head dim, attention layers) from an HF config or GGUF metadata."""
+    c, a = layout.config, layout.architecture
+    hidden = c.get("hidden_size") or c.get(f"{a}.embedding_length") or 0
+    heads = c.get("num_attention_heads") or c.get(f"{a}.attention.head_count") or 1
+    kv_heads = c.get("num_key_value_heads") or c.get(f"{a}.attention.head_count_kv") or heads
+    head_dim = c.get("head_dim") or c.get(f"{a}.attention.key_length") or (hidden // heads if heads else 0)
+    if isinstance(kv_heads, list):  # GGUF may store per-layer head counts
+        kv_heads = max(kv_heads)
+    return int(hidden), int(kv_heads) * int(head_dim), layout.num_layers
+
+
+def reserve_bytes(layout: Layout, context_tokens: int = DEFAULT_CONTEXT) -> int:
+    """Runtime overhead + bf16 KV cache for `context_tokens` + prefill activations."""
+    hidden, kv_width, layers = _geometry(layout)
+    kv = 2 * layers * kv_width * context_tokens * 2
+    activations = ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN * hidden * min(context_tokens, 2048)
+    return RUNTIME_OVERHEAD + kv + activations
+
+
+def plan_memory(layout: Layout, max_memory: int, context_tokens: int = DEFAULT_CONTEXT) -> MemoryPlan:
+    """Split `max_memory` (the whole process) into resident + reserve + cache."""
+    reserve = reserve_bytes(layout, context_tokens)
+    return plan_cache(layout, max_memory - layout.resident_bytes - reserve, max_memory, reserve)
+
+
+def plan_cache(layout: Layout, cache_bytes: int, max_memory: int = 0, reserve: int = 0) -> MemoryPlan:
+    """The plan for a cache of `cache_bytes` given directly."""
+    slice_bytes = layout.slice_bytes
+    slots = min(len(layout.slices), max(0, cache_bytes // slice_bytes))
+    return MemoryPlan(max_memory, layout.resident_bytes, reserve, cache_bytes, slice_bytes,
+                      layout.experts_per_token * slice_bytes, slots, min(1.0, slots / len(layout.slices)))
