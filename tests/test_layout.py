@@ -139,6 +139,7 @@ def resident_pages(path) -> int:
 
 def drop_pages(path) -> None:
     fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
 

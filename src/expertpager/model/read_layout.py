@@ -30,10 +30,12 @@ def read_config(folder: Path) -> dict:
 def _safetensors_layout(model: ResolvedModel) -> Layout:
     config = read_config(model.path)
     model_type = config.get("model_type")
+    tensors = [t for f in model.files for t in read_safetensors_header(str(f))[0]]
     if model_type not in ARCHITECTURES:
+        if not any(match_expert(t.name) for t in tensors):
+            raise ExpertPagerError(f"{model.path}: not a mixture-of-experts model ({model_type!r} has no expert tensors)")
         raise ExpertPagerError(f"{model.path / 'config.json'}: unknown architecture {model_type!r}; "
                                f"supported: {', '.join(sorted(ARCHITECTURES))}")
-    tensors = [t for f in model.files for t in read_safetensors_header(str(f))[0]]
     num_experts = _config_int(config, NUM_EXPERTS_KEYS, model.path)
     top_k = _config_int(config, TOP_K_KEYS, model.path)
     return _assemble("safetensors", model_type, model, tensors, config, config.get("num_hidden_layers", 0), num_experts, top_k)
