@@ -1,0 +1,16 @@
+"""The pager: expert slices moved between storage and a RAM cache of fixed byte budget. Knows nothing of
+transformers; depends only on the layout records."""
+
+from .cache import PinnedSlices, SliceBuffer, SliceCache
+from .io import MODES as IO_MODES
+from .policies import LFU, LRU, POLICIES, Belady, LayerCycle, Policy, make_policy
+from .pool import plan_slots
+from .reads import ReadPlan, plan_reads
+from .replay import ReplayResult, replay
+from .stats import Counts, StatsSnapshot
+
+__all__ = [
+    "SliceCache", "SliceBuffer", "PinnedSlices", "IO_MODES",
+    "Policy", "LRU", "LFU", "LayerCycle", "Belady", "POLICIES", "make_policy",
+    "plan_slots", "plan_reads", "ReadPlan", "replay", "ReplayResult", "Counts", "StatsSnapshot",
+]

@@ -1,0 +1,436 @@
+"""SliceCache: expert slices paged from disk into a fixed pool of slots, pinned while in use.
+
+One lock guards all state. A hit is a dict lookup, a pin count and a policy touch, and returns a buffer object
+built once when the slot was filled. A miss loads in the caller's thread (pin_many hands extra misses to the
+workers ahead of any prefetch, and the caller takes back those no worker has started), so demand loads never
+wait behind queued prefetches. Prefetches are queued keys that a worker starts only if a slot can be freed
+without touching pinned or loading slices.
+"""
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+
+from ..errors import ExpertPagerError
+from ..model.layout import ExpertSlice, SliceKey
+from .io import Files
+from .policies import Policy, make_policy
+from .pool import SlotPool, plan_slots
+from .reads import ReadPlan, plan_reads
+from .residency import Residency
+from .stats import Stats, StatsSnapshot
+
+Verify = Callable[[SliceKey, dict[str, np.ndarray]], None]
+
+
+class SliceBuffer:
+    """A pinned, loaded slice. `views[role]` is a uint8 array over exactly that part's bytes in the slot; it is
+    valid until the buffer is released (leaving the `with` block, or `release()`)."""
+
+    __slots__ = ("key", "views", "_cache", "_slot")
+
+    def __init__(self, key: SliceKey, views: dict[str, np.ndarray], cache: "SliceCache", slot: "_Slot"):
+        self.key, self.views, self._cache, self._slot = key, views, cache, slot
+
+    def release(self) -> None:
+        self._cache._release(self)
+
+    def __enter__(self) -> "SliceBuffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cache._release(self)
+
+
+class PinnedSlices(dict):
+    """key -> SliceBuffer for several pinned slices; releases them all on exit."""
+
+    def release(self) -> None:
+        for buf in self.values():
+            buf.release()
+        self.clear()
+
+    def __enter__(self) -> "PinnedSlices":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class _Slot:
+    __slots__ = ("index", "memory", "base", "key", "li", "pins", "handle", "prefetched")
+
+    def __init__(self, index: int, memory: memoryview, base: int):
+        self.index, self.memory, self.base = index, memory, base
+        self.key: SliceKey | None = None
+        self.li = 0
+        self.pins = 0
+        self.handle: SliceBuffer | None = None
+        self.prefetched = False
+
+
+class _Load:
+    __slots__ = ("key", "slot", "done", "error")
+
+    def __init__(self, key: SliceKey, slot: _Slot):
+        self.key, self.slot = key, slot
+        self.done = threading.Event()
+        self.error: ExpertPagerError | None = None
+
+
+class SliceCache:
+    """Expert slices under a byte budget: `pin` (a context manager) blocks until the slice is loaded and keeps
+    it resident while held; `prefetch` loads ahead in worker threads.
+
+    slices: the layout's slices; budget: bytes for the slot pool (allocated and touched here, never grown);
+    policy: "lru", "lfu", "cycle", or a Policy instance (Belady(trace) for replaying a known trace);
+    io: "auto", "direct", "buffered+dontneed" or "buffered"; threads: prefetch workers; min_pinned: slots of the
+    largest size the budget must hold; verify(key, views): called after each read, before the slice is served;
+    wait_timeout: seconds a pin waits for a slot to be released before giving up.
+    """
+
+    def __init__(
+        self,
+        slices: Mapping[SliceKey, ExpertSlice],
+        budget: int,
+        policy: "str | Policy" = "lru",
+        io: str = "auto",
+        threads: int = 4,
+        min_pinned: int = 1,
+        verify: Verify | None = None,
+        wait_timeout: float = 60.0,
+    ):
+        if not slices:
+            raise ExpertPagerError("no expert slices to cache")
+        self._slices = dict(slices)
+        self._plans: dict[SliceKey, ReadPlan] = {k: plan_reads(s) for k, s in self._slices.items()}
+        needs = {k: p.slot_bytes for k, p in self._plans.items()}
+        slot_sizes = plan_slots(list(needs.values()), budget, min_pinned)
+        self._files = Files({r.file for p in self._plans.values() for r in p.runs}, io)
+        self._pool = SlotPool(slot_sizes)
+        self._slots = [_Slot(i, self._pool.slot(i), self._pool.offsets[i]) for i in range(len(slot_sizes))]
+        self._book = Residency(needs, slot_sizes, make_policy(policy))
+        self._touch = self._book.policy.touch
+        self._stats = Stats(self._slices)
+        self._count = self._stats.counters
+        self._verify = verify
+        self._wait_timeout = wait_timeout
+
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._freed = threading.Condition(self._lock)
+        self._slot_waiters = 0
+        self._ready: dict[SliceKey, _Slot] = {}
+        self._loading: dict[SliceKey, _Load] = {}
+        self._queued: OrderedDict[SliceKey, None] = OrderedDict()
+        self._demand: deque[_Load] = deque()
+        self._closed = False
+        self._workers = [threading.Thread(target=self._work_loop, name=f"expertpager-io-{i}", daemon=True) for i in range(threads)]
+        for t in self._workers:
+            t.start()
+
+    # -- facts ---------------------------------------------------------------------------------------------
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes in the slot pool; never more than the budget."""
+        return self._pool.nbytes
+
+    @property
+    def num_slots(self) -> int:
+        return len(self._slots)
+
+    @property
+    def slot_sizes(self) -> list[int]:
+        return list(self._pool.sizes)
+
+    @property
+    def io_modes(self) -> dict[str, str]:
+        """The effective I/O mode of each file."""
+        return dict(self._files.modes)
+
+    @property
+    def policy(self) -> Policy:
+        return self._book.policy
+
+    def resident(self) -> list[SliceKey]:
+        """Keys loaded and ready now."""
+        with self._lock:
+            return list(self._ready)
+
+    def stats_snapshot(self) -> StatsSnapshot:
+        with self._lock:
+            return self._stats.snapshot()
+
+    @property
+    def stats(self) -> StatsSnapshot:
+        return self.stats_snapshot()
+
+    # -- pinning -------------------------------------------------------------------------------------------
+
+    def pin(self, key: SliceKey) -> SliceBuffer:
+        """Pin one slice, loading it if needed; use as `with cache.pin(key) as buf:` or call `buf.release()`."""
+        with self._lock:
+            slot = self._ready.get(key)
+            if slot is not None:
+                slot.pins += 1
+                self._touch(key)
+                self._count["hits"][slot.li] += 1
+                if slot.prefetched:
+                    slot.prefetched = False
+                    self._count["prefetch_hits"][slot.li] += 1
+                return slot.handle
+        return self._acquire((key,))[key]
+
+    def pin_many(self, keys: Iterable[SliceKey]) -> PinnedSlices:
+        """Pin several slices at once, loading the missing ones in parallel; `with cache.pin_many(keys) as bufs:`."""
+        return self._acquire(tuple(dict.fromkeys(tuple(k) for k in keys)))
+
+    def _acquire(self, keys: tuple[SliceKey, ...]) -> PinnedSlices:
+        start = time.perf_counter()
+        with self._lock:
+            self._check(keys)
+            if len(keys) > len(self._slots):
+                raise ExpertPagerError(f"cannot pin {len(keys)} slices at once: the cache has {len(self._slots)} slots")
+            mine = self._claim(keys)
+            waits = [self._loading[k] for k in keys if k in self._loading]
+            self._demand.extend(mine[1:])
+            if len(mine) > 1:
+                self._work.notify(len(mine) - 1)
+        if mine:
+            self._run(mine[0])
+        while True:
+            with self._lock:
+                load = next((l for l in mine[1:] if l in self._demand), None)
+                if load is not None:
+                    self._demand.remove(load)
+            if load is None:
+                break
+            self._run(load)
+        for load in waits:
+            load.done.wait()
+        out = PinnedSlices()
+        errors = []
+        with self._lock:
+            for key in keys:
+                load = next((l for l in waits if l.key == key), None)
+                if load is not None and load.error is not None:
+                    errors.append(load.error)
+                else:
+                    out[key] = (load.slot if load is not None else self._ready[key]).handle
+            if waits:
+                self._stats.add("stall_seconds", waits[0].key, time.perf_counter() - start)
+        if errors:
+            out.release()
+            raise errors[0]
+        return out
+
+    def _check(self, keys: tuple[SliceKey, ...]) -> None:
+        if self._closed:
+            raise ExpertPagerError("the slice cache is closed")
+        for key in keys:
+            if key not in self._plans:
+                raise ExpertPagerError(f"no expert slice {key} in this cache (layer, expert)")
+
+    def _claim(self, keys: tuple[SliceKey, ...]) -> list[_Load]:
+        """Under the lock: pin every key, starting loads for the missing ones once slots for all are found."""
+        wanted = set(keys)
+        deadline = time.monotonic() + self._wait_timeout
+        while True:
+            missing = [k for k in keys if k not in self._ready and k not in self._loading]
+            placed = []
+            for key in missing:
+                slot = self._place(key, lambda k: k not in wanted)
+                if slot is None:
+                    break
+                placed.append((key, slot))
+            if len(placed) == len(missing):
+                break
+            for key, _ in placed:
+                self._book.remove(key)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ExpertPagerError(
+                    f"no slot for {len(missing)} slice(s) after {self._wait_timeout:.0f} s: all {len(self._slots)} "
+                    "slots are pinned or loading; release pins or raise the budget"
+                )
+            self._slot_waiters += 1
+            self._freed.wait(left)
+            self._slot_waiters -= 1
+            self._check(keys)
+        mine = []
+        for key in keys:
+            slot = self._ready.get(key)
+            if slot is not None:
+                self._count["hits"][slot.li] += 1
+                self._touch(key)
+            elif key in self._loading:
+                slot = self._loading[key].slot
+                self._count["joins"][slot.li] += 1
+                self._touch(key)
+            else:
+                continue
+            slot.pins += 1
+            if slot.prefetched:
+                slot.prefetched = False
+                self._count["prefetch_hits"][slot.li] += 1
+        for key, slot in placed:
+            if key in self._queued:
+                del self._queued[key]
+                self._stats.add("prefetch_cancelled", key)
+            slot.pins = 1
+            load = self._start(key, slot)
+            self._count["misses"][slot.li] += 1
+            self._touch(key)
+            mine.append(load)
+        return mine
+
+    def _place(self, key: SliceKey, allowed: Callable[[SliceKey], bool]) -> _Slot | None:
+        """Under the lock: a slot for `key`, evicting an unpinned ready slice that `allowed` lets go if needed."""
+        ready = self._ready
+        placed = self._book.place(key, lambda k: k in ready and ready[k].pins == 0 and allowed(k))
+        if placed is None:
+            return None
+        index, victim = placed
+        slot = self._slots[index]
+        if victim is not None:
+            del ready[victim]
+            self._count["evictions"][slot.li] += 1
+            if slot.prefetched:
+                self._count["prefetch_wasted"][slot.li] += 1
+            slot.handle = None
+        slot.key, slot.li, slot.pins, slot.prefetched = key, self._stats.index[key[0]], 0, False
+        return slot
+
+    def _start(self, key: SliceKey, slot: _Slot) -> _Load:
+        load = _Load(key, slot)
+        self._loading[key] = load
+        return load
+
+    def _release(self, buf: SliceBuffer) -> None:
+        with self._lock:
+            slot = buf._slot
+            if slot.handle is not buf or slot.pins <= 0:
+                raise ExpertPagerError(f"slice {buf.key} released more often than pinned")
+            slot.pins -= 1
+            if slot.pins == 0 and self._slot_waiters:
+                self._freed.notify_all()
+
+    # -- loading -------------------------------------------------------------------------------------------
+
+    def _run(self, load: _Load) -> None:
+        """Read a slice into its slot, verify it, and publish it (or the error) to everyone waiting on it."""
+        key, slot = load.key, load.slot
+        t0 = time.perf_counter()
+        error, views = None, None
+        try:
+            for run in self._plans[key].runs:
+                self._files.read(run, slot.memory)
+            arena = self._pool.array
+            views = {role: arena[slot.base + off : slot.base + off + n] for role, off, n in self._plans[key].views}
+            if self._verify is not None:
+                self._verify(key, views)
+        except ExpertPagerError as e:
+            error = e
+        except Exception as e:
+            error = ExpertPagerError(f"loading expert slice {key} failed: {e!r}")
+        seconds = time.perf_counter() - t0
+        with self._lock:
+            del self._loading[key]
+            if error is None:
+                slot.handle = SliceBuffer(key, views, self, slot)
+                self._ready[key] = slot
+                self._count["bytes_read"][slot.li] += self._slices[key].nbytes
+                self._count["read_seconds"][slot.li] += seconds
+            else:
+                self._count["load_errors"][slot.li] += 1
+                self._book.remove(key)
+                slot.key, slot.pins, slot.prefetched, slot.handle = None, 0, False, None
+            load.error = error
+            load.done.set()
+            if self._slot_waiters:
+                self._freed.notify_all()
+
+    # -- prefetching ---------------------------------------------------------------------------------------
+
+    def prefetch(self, keys: Iterable[SliceKey]) -> None:
+        """Queue loads in the background; a later pin joins them. Keys resident, loading or queued are skipped."""
+        with self._lock:
+            self._check(())
+            n = 0
+            for key in keys:
+                key = tuple(key)
+                if key not in self._plans:
+                    raise ExpertPagerError(f"no expert slice {key} in this cache (layer, expert)")
+                if key not in self._ready and key not in self._loading and key not in self._queued:
+                    self._queued[key] = None
+                    n += 1
+            if n:
+                self._work.notify(n)
+
+    def cancel_prefetches(self, keys: Iterable[SliceKey] | None = None) -> int:
+        """Drop queued prefetches not yet started (all, or those for `keys`); returns how many were dropped."""
+        with self._lock:
+            dropped = list(self._queued) if keys is None else [tuple(k) for k in keys if tuple(k) in self._queued]
+            for key in dropped:
+                del self._queued[key]
+                self._stats.add("prefetch_cancelled", key)
+            return len(dropped)
+
+    def _next_job(self) -> _Load | None:
+        """Under the lock: the next load for a worker, demand first; None when closing."""
+        while True:
+            if self._closed:
+                return None
+            if self._demand:
+                return self._demand.popleft()
+            if self._queued:
+                key, _ = self._queued.popitem(last=False)
+                if key in self._ready or key in self._loading:
+                    continue
+                slot = self._place(key, lambda k: True)
+                if slot is None:
+                    self._stats.add("prefetch_dropped", key)
+                    continue
+                slot.prefetched = True
+                self._count["prefetch_issued"][slot.li] += 1
+                return self._start(key, slot)
+            self._work.wait()
+
+    def _work_loop(self) -> None:
+        while True:
+            with self._lock:
+                load = self._next_job()
+            if load is None:
+                return
+            self._run(load)
+
+    # -- lifetime ------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the workers (loads in progress finish), close the files and free the pool."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queued.clear()
+            self._work.notify_all()
+            self._freed.notify_all()
+        for t in self._workers:
+            t.join()
+        with self._lock:
+            self._ready.clear()
+            for slot in self._slots:
+                slot.handle = None
+                slot.memory.release()
+        self._files.close()
+        self._pool.close()
+
+    def __enter__(self) -> "SliceCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

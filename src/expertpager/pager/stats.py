@@ -1,0 +1,83 @@
+"""Cache statistics: plain counters per layer, summed on demand into a snapshot."""
+
+from dataclasses import asdict, dataclass, field, fields
+
+from ..model.layout import SliceKey
+
+
+@dataclass
+class Counts:
+    """Counters for one layer or in total.
+
+    hits: pins of a resident slice; joins: pins that waited on a load already in flight; misses: pins that
+    started a load. prefetch_hits: pins whose slice a prefetch loaded (resident or in flight), counted once per
+    prefetch. prefetch_wasted: prefetched slices evicted unused; prefetch_cancelled: queued prefetches dropped
+    by cancel or taken over by a demand load before they started; prefetch_dropped: prefetches skipped for want
+    of an evictable slot. bytes_read: slice bytes paged in; read_seconds: time spent reading, summed over
+    threads; stall_seconds: time callers waited for loads.
+    """
+
+    hits: int = 0
+    joins: int = 0
+    misses: int = 0
+    prefetch_hits: int = 0
+    prefetch_issued: int = 0
+    prefetch_wasted: int = 0
+    prefetch_cancelled: int = 0
+    prefetch_dropped: int = 0
+    evictions: int = 0
+    load_errors: int = 0
+    bytes_read: int = 0
+    read_seconds: float = 0.0
+    stall_seconds: float = 0.0
+
+    @property
+    def pins(self) -> int:
+        return self.hits + self.joins + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        """Fraction of pins served without waiting."""
+        return self.hits / self.pins if self.pins else 0.0
+
+    @property
+    def read_gbps(self) -> float:
+        """Read throughput per reading thread, in 10^9 bytes per second."""
+        return self.bytes_read / self.read_seconds / 1e9 if self.read_seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "pins": self.pins, "hit_rate": self.hit_rate, "read_gbps": self.read_gbps}
+
+
+@dataclass
+class StatsSnapshot(Counts):
+    """Totals plus the same counters per layer."""
+
+    per_layer: dict[int, Counts] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in super().to_dict().items() if k != "per_layer"}
+        out["per_layer"] = {layer: c.to_dict() for layer, c in self.per_layer.items()}
+        return out
+
+
+COUNTERS = tuple(f.name for f in fields(Counts))
+
+
+class Stats:
+    """Live counters: `counters[name][layer_index]`, incremented by the caller (under its lock)."""
+
+    def __init__(self, keys) -> None:
+        self.layers = sorted({k[0] for k in keys})
+        self.index = {layer: i for i, layer in enumerate(self.layers)}
+        self.counters: dict[str, list] = {name: [0] * len(self.layers) for name in COUNTERS}
+
+    def add(self, name: str, key: SliceKey, amount: float = 1) -> None:
+        self.counters[name][self.index[key[0]]] += amount
+
+    def snapshot(self) -> StatsSnapshot:
+        per_layer = {
+            layer: Counts(**{name: values[i] for name, values in self.counters.items()})
+            for i, layer in enumerate(self.layers)
+        }
+        return StatsSnapshot(**{name: sum(values) for name, values in self.counters.items()}, per_layer=per_layer)
