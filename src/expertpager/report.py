@@ -4,6 +4,7 @@ from collections import Counter
 
 from .model.layout import Layout
 from .model.plan import plan_memory
+from .pager import plan_reads
 
 
 def describe(layout: Layout, max_memory: int | None = None) -> dict:
@@ -36,5 +37,6 @@ def describe(layout: Layout, max_memory: int | None = None) -> dict:
             for l in layout.moe_layers),
     }
     if max_memory is not None:
-        out["plan"] = plan_memory(layout, max_memory).to_dict()
+        slot = max(plan_reads(s).slot_bytes for s in layout.slices.values())
+        out["plan"] = plan_memory(layout, max_memory, slot).to_dict()
     return out

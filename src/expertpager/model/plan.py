@@ -18,7 +18,7 @@ class MemoryPlan:
     resident_bytes: int
     reserve_bytes: int
     cache_bytes: int  # what is left for expert slices; negative when the promise does not fit
-    slice_bytes: int
+    slice_bytes: int  # one cache slot: the largest slice, widened for aligned reads
     min_cache_bytes: int  # one layer's top-k slices pinned at once
     cache_slices: int
     cache_fraction: float
@@ -56,15 +56,17 @@ def reserve_bytes(layout: Layout, context_tokens: int = DEFAULT_CONTEXT) -> int:
     return RUNTIME_OVERHEAD + kv + activations
 
 
-def plan_memory(layout: Layout, max_memory: int, context_tokens: int = DEFAULT_CONTEXT) -> MemoryPlan:
-    """Split `max_memory` (the whole process) into resident + reserve + cache."""
+def plan_memory(layout: Layout, max_memory: int, slot_bytes: int | None = None,
+                context_tokens: int = DEFAULT_CONTEXT) -> MemoryPlan:
+    """Split `max_memory` (the whole process) into resident + reserve + cache of slots of `slot_bytes`."""
     reserve = reserve_bytes(layout, context_tokens)
-    return plan_cache(layout, max_memory - layout.resident_bytes - reserve, max_memory, reserve)
+    return plan_cache(layout, max_memory - layout.resident_bytes - reserve, slot_bytes, max_memory, reserve)
 
 
-def plan_cache(layout: Layout, cache_bytes: int, max_memory: int = 0, reserve: int = 0) -> MemoryPlan:
-    """The plan for a cache of `cache_bytes` given directly."""
-    slice_bytes = layout.slice_bytes
+def plan_cache(layout: Layout, cache_bytes: int, slot_bytes: int | None = None, max_memory: int = 0,
+               reserve: int = 0) -> MemoryPlan:
+    """The plan for a cache of `cache_bytes` given directly; slots default to the largest slice."""
+    slice_bytes = slot_bytes or layout.slice_bytes
     slots = min(len(layout.slices), max(0, cache_bytes // slice_bytes))
     return MemoryPlan(max_memory, layout.resident_bytes, reserve, cache_bytes, slice_bytes,
                       layout.experts_per_token * slice_bytes, slots, min(1.0, slots / len(layout.slices)))

@@ -1,0 +1,97 @@
+"""Load a checkpoint as a transformers model whose expert weights stream through the pager."""
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from ..errors import ExpertPagerError
+from ..model.layout import Layout
+from ..model.plan import MemoryPlan, plan_cache, plan_memory
+from ..model.read_layout import read_layout
+from ..pager import SliceCache, plan_reads
+from ..sizes import parse_size
+from .paged_experts import PagedExperts
+
+EXPERTS_MODULE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts$")
+EXPERT_KEYS = [r"\.experts\."] + [r"\.experts\.(gate_up_proj|down_proj)", r"block_sparse_moe\.(input|output)_linear"]
+
+
+def paged_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """A subclass of `base` whose experts modules are replaced, at construction, by PagedExperts (no parameters),
+    so from_pretrained loads only resident weights and skips expert tensors as expected-unexpected keys."""
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        for name, module in list(self.named_modules()):
+            m = EXPERTS_MODULE.search(name)
+            if m:
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.get_submodule(parent_name), child, PagedExperts(module, int(m.group(1))))
+
+    return type(f"Paged{base.__name__}", (base,), {
+        "__init__": __init__,
+        "_keys_to_ignore_on_load_unexpected": EXPERT_KEYS,
+    })
+
+
+def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None) -> MemoryPlan:
+    """The cache size from `cache` (bytes or 'NN%' of all expert bytes) or from the whole-process `max_memory`;
+    everything fits when neither is given."""
+    if max_memory is not None and cache is not None:
+        raise ExpertPagerError("give either max_memory (the whole process) or cache (the expert cache), not both")
+    needs = [plan_reads(s).slot_bytes for s in layout.slices.values()]
+    slot = max(needs)
+    if cache is not None:
+        text = str(cache).strip()
+        try:
+            size = int(sum(needs) * float(text[:-1]) / 100) if text.endswith("%") else parse_size(text)
+        except ValueError:
+            raise ExpertPagerError(f"cannot read cache size {text!r}: use bytes, a size such as 2GB, or a percentage such as 25%") from None
+        plan = plan_cache(layout, size, slot)
+    elif max_memory is not None:
+        plan = plan_memory(layout, parse_size(max_memory), slot)
+    else:
+        plan = plan_cache(layout, sum(needs), slot)
+    if not plan.fits:
+        need = plan.min_cache_bytes + plan.resident_bytes + plan.reserve_bytes if max_memory is not None else plan.min_cache_bytes
+        what = "max_memory" if max_memory is not None else "the cache"
+        raise ExpertPagerError(f"{layout.path}: {what} is too small: at least {need:,} bytes are needed "
+                               f"(one layer's top-{layout.experts_per_token} slices of {plan.slice_bytes:,} bytes"
+                               + (f", {plan.resident_bytes:,} resident, {plan.reserve_bytes:,} reserve)" if max_memory is not None else ")"))
+    return plan
+
+
+def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str | int | None = None,
+         policy: str = "lru", prefetch: bool = True, io: str = "auto", threads: int = 4,
+         dtype: torch.dtype | str = "auto") -> PreTrainedModel:
+    """A transformers causal LM for `model_ref` with paged experts; `model.pager` is its SliceCache.
+
+    max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
+    directly, bytes or a percentage of all expert bytes ('25%'); neither: every slice fits."""
+    layout = read_layout(model_ref)
+    if layout.format != "safetensors":
+        raise ExpertPagerError(f"{layout.path}: running {layout.format} checkpoints is not supported yet")
+    plan = cache_budget(layout, max_memory, cache)
+    config = AutoConfig.from_pretrained(layout.path)
+    base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model = paged_class(base).from_pretrained(layout.path, config=config, dtype=dtype,
+                                               experts_implementation="grouped_mm")
+    model.eval()
+    pager = SliceCache(layout.slices, plan.cache_bytes, policy=policy, io=io, threads=threads,
+                       min_pinned=layout.experts_per_token)
+    compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    for module in model.modules():
+        if isinstance(module, PagedExperts):
+            module.cache = pager
+            module.slices = {e: layout.slices[(module.layer, e)] for e in range(layout.num_experts)}
+            module.dtype = compute_dtype
+            module.chunk = max(layout.experts_per_token, pager.num_slots // (2 if prefetch else 1))
+            if not prefetch:
+                module.chunk = pager.num_slots
+    model.pager = pager
+    model.layout = layout
+    model.memory_plan = plan
+    return model

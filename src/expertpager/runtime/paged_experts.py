@@ -1,0 +1,106 @@
+"""An experts module that owns no expert weights: it pins the routed slices from the pager and computes exactly
+what transformers' default `grouped_mm` experts forward computes, one expert group at a time."""
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.integrations.moe import _grouped_linear
+
+from ..model.layout import ExpertSlice
+
+TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def slice_tensors(s: ExpertSlice, views: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Torch tensors over a pinned slice's bytes (zero-copy when the stored dtype is the compute dtype).
+
+    gate and up are fused into gate_up as transformers does at load: a view when they are adjacent in the slot,
+    else a concatenation."""
+    out = {}
+    for p in s.parts:
+        out[p.role] = torch.from_numpy(views[p.role]).view(TORCH_DTYPES[p.dtype]).view(p.shape)
+    if "gate" in out:
+        gate, up = views["gate"], views["up"]
+        if up.ctypes.data == gate.ctypes.data + gate.nbytes:
+            both = np.lib.stride_tricks.as_strided(gate, shape=(gate.nbytes + up.nbytes,), strides=(1,))
+            fused = torch.from_numpy(both).view(out["gate"].dtype).view(-1, out["gate"].shape[-1])
+        else:
+            fused = torch.cat([out["gate"], out["up"]])
+        out = {"gate_up": fused, **{k: v for k, v in out.items() if k not in ("gate", "up")}}
+    return {k: v if v.dtype == dtype else v.to(dtype) for k, v in out.items()}
+
+
+class PagedExperts(nn.Module):
+    """Drop-in for a transformers `*Experts` module: forward(hidden_states[T,H], top_k_index[T,k], top_k_weights[T,k])."""
+
+    def __init__(self, template: nn.Module, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_experts = template.num_experts
+        self.is_transposed = getattr(template, "is_transposed", False)
+        self.has_bias = getattr(template, "has_bias", False)
+        for name in list(template._parameters):  # the template keeps only its gating function and flags
+            del template._parameters[name]
+        object.__setattr__(self, "_template", template)
+        self.cache = None  # set by the loader: a pager SliceCache
+        self.slices: dict[int, ExpertSlice] = {}
+        self.dtype = torch.float32
+        self.chunk = 1  # slices pinned at once when a prefill hits many experts
+        self.on_route = None  # optional callback(layer, expert_ids) for predictors
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}, paged"
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        num_tokens, num_top_k = top_k_index.shape
+        expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))
+        selected = hidden_states[perm // num_top_k].to(self.dtype)
+        sample_weights_g = top_k_weights.reshape(-1)[perm]
+        counts = torch.bincount(expert_ids_g, minlength=self.num_experts).tolist()
+        hit = [e for e, c in enumerate(counts) if c]
+        if self.on_route is not None:
+            self.on_route(self.layer, hit)
+        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        rows = {e: slice(starts[e], starts[e + 1]) for e in hit}
+        chunks = [hit[i:i + self.chunk] for i in range(0, len(hit), self.chunk)]
+        # Gating runs once over all rows, as in transformers: elementwise kernels may round differently on fewer rows.
+        proj = None
+        for i, chunk in enumerate(chunks):
+            with self._pinned(chunk, chunks[i + 1] if i + 1 < len(chunks) else None) as pinned:
+                for e in chunk:
+                    up = self._project(selected[rows[e]], pinned[(self.layer, e)], "gate_up")
+                    proj = up.new_empty(selected.shape[0], up.shape[-1]) if proj is None else proj
+                    proj[rows[e]] = up
+                if len(chunks) == 1:  # the usual case (always in decode): one pin for both projections
+                    out = self._down(self._template._apply_gate(proj), chunk, pinned, rows, None)
+        if len(chunks) > 1:
+            gated = self._template._apply_gate(proj)
+            out = None
+            for i, chunk in enumerate(reversed(chunks)):  # newest slices first: they are the ones still cached
+                following = chunks[-i - 2] if i + 2 <= len(chunks) else None
+                with self._pinned(chunk, following) as pinned:
+                    out = self._down(gated, chunk, pinned, rows, out)
+        weighted = out * sample_weights_g.unsqueeze(-1)
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(perm.size(0))
+        return weighted[inv_perm].view(num_tokens, num_top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _pinned(self, chunk: list[int], following: list[int] | None):
+        """Pin a chunk of this layer's experts and prefetch the next chunk while it computes."""
+        pinned = self.cache.pin_many([(self.layer, e) for e in chunk])
+        if following:
+            self.cache.prefetch([(self.layer, e) for e in following])
+        return pinned
+
+    def _down(self, gated: torch.Tensor, chunk: list[int], pinned, rows: dict, out: torch.Tensor | None) -> torch.Tensor:
+        for e in chunk:
+            down = self._project(gated[rows[e]], pinned[(self.layer, e)], "down")
+            out = down.new_empty(gated.shape[0], down.shape[-1]) if out is None else out
+            out[rows[e]] = down
+        return out
+
+    def _project(self, x: torch.Tensor, buf, which: str) -> torch.Tensor:
+        """x through one expert's gate_up or down matrix (plus bias), with transformers' grouped_mm kernel."""
+        w = slice_tensors(self.slices[buf.key[1]], buf.views, self.dtype)
+        offs = torch.tensor([x.shape[0]], dtype=torch.int32)
+        return _grouped_linear(x, w[which].unsqueeze(0), offs, bias=w.get(which + "_bias"), is_transposed=self.is_transposed)
