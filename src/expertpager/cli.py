@@ -63,6 +63,125 @@ def _print_inspect(info: dict) -> None:
     console.print(t)
 
 
+def _prompt_ids(tokenizer, prompt: str | None, prompt_ids: str | None) -> list[int]:
+    if prompt_ids is not None:
+        try:
+            return [int(x) for x in prompt_ids.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise ExpertPagerError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
+    if tokenizer is None:
+        raise ExpertPagerError("this checkpoint has no tokenizer: give --prompt-ids 1,2,3")
+    return tokenizer(prompt if prompt is not None else DEFAULT_PROMPT)["input_ids"]
+
+
+DEFAULT_PROMPT = "def fibonacci(n):"
+STAT_ROWS = (("prefill tokens/s", "prefill_tokens_per_s", "{:.1f}"), ("decode tokens/s", "decode_tokens_per_s", "{:.1f}"),
+             ("hit rate", "hit_rate", "{:.1%}"), ("prefetch hit rate", "prefetch_hit_rate", "{:.1%}"),
+             ("bytes read from disk", "bytes_read", "size"), ("stall time", "stall_seconds", "{:.3f} s"),
+             ("expert cache", "cache_bytes", "size"), ("resident weights", "resident_bytes", "size"),
+             ("peak RSS", "peak_rss_bytes", "size"))
+
+
+def _stats_table(columns: dict[str, dict]) -> Table:
+    t = Table(title="stats")
+    t.add_column("")
+    for name in columns:
+        t.add_column(name, justify="right")
+    for label, key, fmt in STAT_ROWS:
+        cells = [format_size(c.get(key, 0)) if fmt == "size" else fmt.format(c.get(key, 0)) for c in columns.values()]
+        t.add_row(label, *cells)
+    return t
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(None, help="Model folder, .gguf file or cached org/name; default: the bundled demo MoE."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help=f"Prompt text (default: {DEFAULT_PROMPT!r})."),
+    prompt_ids: str = typer.Option(None, "--prompt-ids", help="Prompt as token ids, e.g. 1,2,3 (for checkpoints without a tokenizer)."),
+    chat: bool = typer.Option(False, "--chat", help="Read user turns from stdin and answer with the model's chat template."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    max_memory: str = typer.Option(None, "--max-memory", help="Memory promise for the whole process (resident + reserve + cache), e.g. 8GB."),
+    cache: str = typer.Option(None, "--cache", help="Expert cache size: bytes (2GB, 512MiB) or a percentage of all expert bytes (25%)."),
+    policy: str = typer.Option("lru", "--policy", help="Eviction policy: lru, lfu, cycle."),
+    prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Load the next chunk of experts while one computes."),
+    resident: bool = typer.Option(False, "--resident", help="Run the same model fully in memory with plain transformers."),
+    compare: bool = typer.Option(False, "--compare", help="Run fully resident and paged, one after the other, and show both."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
+    seed: int = typer.Option(0, "--seed"),
+    io: str = typer.Option("auto", "--io", help="Page-in I/O: auto, direct (O_DIRECT), buffered+dontneed, buffered."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: tokens, text, stats."),
+) -> None:
+    """Generate text with expert slices paged from disk under a memory budget (greedy by default)."""
+    from .model.demo import demo_model_path
+    from .model.read_layout import read_layout
+    from .runner import load_tokenizer, open_model, run_once
+
+    ref = model or str(demo_model_path())
+    tokenizer = load_tokenizer(read_layout(ref).path)
+    options = dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io)
+    if chat:
+        _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed)
+        return
+    ids = _prompt_ids(tokenizer, prompt, prompt_ids)
+    modes = ["resident", "paged"] if compare else ["resident" if resident else "paged"]
+    results = {}
+    for mode in modes:
+        m = open_model(ref, mode == "resident", **options)
+        stream = None
+        if not json_out:
+            console.print(f"[bold]{mode}[/bold]: ", end="")
+            stream = _streamer(tokenizer)
+        results[mode] = run_once(m, ids, max_new_tokens, temperature, seed, tokenizer, stream)
+        if not json_out:
+            console.print()
+        if hasattr(m, "pager"):
+            m.pager.close()
+        del m
+    if json_out:
+        out = {mode: {"tokens": r.generation.tokens, "text": r.text, "stats": r.stats} for mode, r in results.items()}
+        if compare:
+            out["identical"] = results["resident"].generation.tokens == results["paged"].generation.tokens
+        print(json.dumps(out if compare else next(iter(out.values()))))
+        return
+    console.print(_stats_table({mode: r.stats for mode, r in results.items()}))
+    if compare:
+        same = results["resident"].generation.tokens == results["paged"].generation.tokens
+        console.print("paged output is [bold]identical[/bold] to fully resident" if same else "[red]outputs differ[/red]")
+
+
+def _streamer(tokenizer):
+    """Print tokens as they arrive: decoded text when a tokenizer exists, else ids."""
+    seen: list[int] = []
+    printed = [0]
+
+    def on_token(token: int) -> None:
+        seen.append(token)
+        if tokenizer is None:
+            console.print(f"{token} ", end="")
+            return
+        text = tokenizer.decode(seen, skip_special_tokens=True)
+        console.out(text[printed[0]:], end="", highlight=False)
+        printed[0] = len(text)
+
+    return on_token
+
+
+def _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed) -> None:
+    from .runner import open_model, run_once
+
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ExpertPagerError(f"{ref}: --chat needs a tokenizer with a chat template; use --prompt")
+    m = open_model(ref, resident, **options)
+    messages = []
+    for line in sys.stdin:
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) else list(ids)
+        result = run_once(m, ids, max_new_tokens, temperature, seed, tokenizer, _streamer(tokenizer))
+        console.print()
+        messages.append({"role": "assistant", "content": result.text or ""})
+
+
 def main() -> None:
     """Entry point: run the app, turning ExpertPagerError into one line on stderr and exit code 2."""
     try:

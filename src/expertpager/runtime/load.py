@@ -33,6 +33,7 @@ def paged_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
 
     return type(f"Paged{base.__name__}", (base,), {
         "__init__": __init__,
+        "__module__": base.__module__,  # transformers reads the architecture's module to allow grouped_mm
         "_keys_to_ignore_on_load_unexpected": EXPERT_KEYS,
     })
 

@@ -1,0 +1,82 @@
+"""One generation run, paged or fully resident, and the stats a user wants after it."""
+
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .errors import ExpertPagerError
+from .runtime.generate import Generation, generate
+from .runtime.load import load
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def load_tokenizer(path: str):
+    """The checkpoint's tokenizer, or None when it has none."""
+    if not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def load_resident(path: str) -> PreTrainedModel:
+    """The same checkpoint fully in memory through plain transformers."""
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@dataclass
+class RunResult:
+    generation: Generation
+    stats: dict
+    text: str | None
+
+
+def run_once(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int,
+             tokenizer=None, on_token=None) -> RunResult:
+    """Generate and collect stats (pager counters when the model is paged)."""
+    if not prompt_ids:
+        raise ExpertPagerError("the prompt is empty")
+    eos = tokenizer.eos_token_id if tokenizer is not None else model.generation_config.eos_token_id
+    gen = generate(model, prompt_ids, max_new_tokens, temperature, seed, eos, on_token)
+    resident_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    stats = {
+        "prompt_tokens": gen.prompt_tokens,
+        "new_tokens": len(gen.tokens),
+        "prefill_tokens_per_s": gen.prefill_tokens_per_s,
+        "decode_tokens_per_s": gen.decode_tokens_per_s,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "resident_bytes": resident_bytes,
+    }
+    pager = getattr(model, "pager", None)
+    if pager is not None:
+        s = pager.stats_snapshot()
+        stats.update(hit_rate=s.hit_rate, prefetch_hit_rate=s.prefetch_hits / s.prefetch_issued if s.prefetch_issued else 0.0,
+                     hits=s.hits, misses=s.misses, bytes_read=s.bytes_read, stall_seconds=s.stall_seconds,
+                     read_gbps=s.read_gbps, cache_bytes=pager.pool_bytes, cache_slots=pager.num_slots,
+                     expert_bytes=model.layout.expert_bytes, policy=type(pager.policy).__name__.lower())
+    else:
+        stats.update(hit_rate=1.0, prefetch_hit_rate=0.0, bytes_read=0, stall_seconds=0.0, cache_bytes=0)
+    text = tokenizer.decode(gen.tokens, skip_special_tokens=True) if tokenizer is not None else None
+    return RunResult(gen, stats, text)
+
+
+def open_model(model_ref: str, resident: bool, **load_options) -> PreTrainedModel:
+    """Paged (default) or fully resident."""
+    if resident:
+        from .model.read_layout import read_layout
+
+        return load_resident(read_layout(model_ref).path)
+    return load(model_ref, **load_options)
+
