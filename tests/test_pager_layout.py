@@ -62,3 +62,11 @@ def test_pool_is_page_aligned():
     for i in range(3):
         assert pool.array[pool.offsets[i] :].ctypes.data % 4096 == 0
     pool.close()
+
+
+def test_pager_imports_no_ml_framework():
+    import subprocess
+    import sys
+
+    code = "import sys, expertpager.pager; bad = {'torch', 'transformers'} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -60,7 +60,7 @@ class SlotPool:
             raise ValueError("slot sizes must be multiples of the block size")
         self.sizes = list(slot_sizes)
         self.nbytes = sum(self.sizes)
-        self._map = mmap.mmap(-1, max(self.nbytes, mmap.PAGESIZE))
+        self._map = mmap.mmap(-1, max(self.nbytes, mmap.PAGESIZE), flags=mmap.MAP_PRIVATE)
         self.array = np.frombuffer(self._map, dtype=np.uint8)
         self.array[:: mmap.PAGESIZE] = 0
         self.offsets: list[int] = []
