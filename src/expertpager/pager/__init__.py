@@ -6,11 +6,11 @@ from .io import MODES as IO_MODES
 from .policies import LFU, LRU, POLICIES, Belady, LayerCycle, Policy, make_policy
 from .pool import plan_slots
 from .reads import ReadPlan, plan_reads
-from .replay import ReplayResult, replay
+from .replay import ReplayResult, Step, replay, replay_steps
 from .stats import Counts, StatsSnapshot
 
 __all__ = [
     "SliceCache", "SliceBuffer", "PinnedSlices", "IO_MODES",
     "Policy", "LRU", "LFU", "LayerCycle", "Belady", "POLICIES", "make_policy",
-    "plan_slots", "plan_reads", "ReadPlan", "replay", "ReplayResult", "Counts", "StatsSnapshot",
+    "plan_slots", "plan_reads", "ReadPlan", "replay", "replay_steps", "Step", "ReplayResult", "Counts", "StatsSnapshot",
 ]

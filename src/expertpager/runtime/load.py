@@ -1,6 +1,7 @@
 """Load a checkpoint as a transformers model whose expert weights stream through the pager."""
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,6 +15,8 @@ from ..model.read_layout import read_layout
 from ..pager import SliceCache, plan_reads
 from ..sizes import parse_size
 from .paged_experts import PagedExperts
+from .predictors import Predictor, make_predictors
+from .prefetcher import Prefetcher
 
 EXPERTS_MODULE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts$")
 EXPERT_KEYS = [r"\.experts\."] + [r"\.experts\.(gate_up_proj|down_proj)", r"block_sparse_moe\.(input|output)_linear"]
@@ -67,11 +70,14 @@ def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int 
 
 def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str | int | None = None,
          policy: str = "lru", prefetch: bool = True, io: str = "auto", threads: int = 4,
-         dtype: torch.dtype | str = "auto") -> PreTrainedModel:
+         dtype: torch.dtype | str = "auto", predictors: "str | Sequence[str | Predictor] | None" = None,
+         profiles: str | Path | None = None) -> PreTrainedModel:
     """A transformers causal LM for `model_ref` with paged experts; `model.pager` is its SliceCache.
 
     max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
-    directly, bytes or a percentage of all expert bytes ('25%'); neither: every slice fits."""
+    directly, bytes or a percentage of all expert bytes ('25%'); neither: every slice fits. predictors:
+    'next-layer,temporal,domain' or Predictor instances, fed by `model.prefetcher`; profiles: the domain
+    predictor's folder."""
     layout = read_layout(model_ref)
     if layout.format != "safetensors":
         raise ExpertPagerError(f"{layout.path}: running {layout.format} checkpoints is not supported yet")
@@ -95,4 +101,6 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     model.pager = pager
     model.layout = layout
     model.memory_plan = plan
+    chosen = make_predictors(predictors, profiles)
+    model.prefetcher = Prefetcher(model, chosen) if chosen else None
     return model

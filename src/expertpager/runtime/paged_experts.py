@@ -46,7 +46,7 @@ class PagedExperts(nn.Module):
         self.slices: dict[int, ExpertSlice] = {}
         self.dtype = torch.float32
         self.chunk = 1  # slices pinned at once when a prefill hits many experts
-        self.on_route = None  # optional callback(layer, expert_ids) for predictors
+        self.on_route = None  # optional callback(layer, expert_ids), once the first chunk is pinned: predictors
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, paged"
@@ -58,8 +58,6 @@ class PagedExperts(nn.Module):
         sample_weights_g = top_k_weights.reshape(-1)[perm]
         counts = torch.bincount(expert_ids_g, minlength=self.num_experts).tolist()
         hit = [e for e, c in enumerate(counts) if c]
-        if self.on_route is not None:
-            self.on_route(self.layer, hit)
         starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         rows = {e: slice(starts[e], starts[e + 1]) for e in hit}
         chunks = [hit[i:i + self.chunk] for i in range(0, len(hit), self.chunk)]
@@ -67,6 +65,8 @@ class PagedExperts(nn.Module):
         proj = None
         for i, chunk in enumerate(chunks):
             with self._pinned(chunk, chunks[i + 1] if i + 1 < len(chunks) else None) as pinned:
+                if i == 0 and self.on_route is not None:
+                    self.on_route(self.layer, hit)
                 for e in chunk:
                     up = self._project(selected[rows[e]], pinned[(self.layer, e)], "gate_up")
                     proj = up.new_empty(selected.shape[0], up.shape[-1]) if proj is None else proj

@@ -1,0 +1,42 @@
+"""A model's MoE layers as the predictors see them: the post-attention norm, the router and the experts module of
+each decoder layer that routes, and the router applied speculatively to another layer's hidden state."""
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LAYER_PREFIX = re.compile(r"^(.*\blayers\.(\d+))\.(?:mlp|block_sparse_moe)$")
+
+
+@dataclass(frozen=True)
+class MoeLayer:
+    index: int  # decoder layer index, as in the slice keys
+    norm: nn.Module  # the decoder layer's post_attention_layernorm, whose output the router reads
+    router: nn.Module  # returns (router_logits, top_k_weights, top_k_index)
+    experts: nn.Module
+
+
+def moe_layers(model: nn.Module) -> list[MoeLayer]:
+    """Every MoE block (a module with `.experts` and a `.gate` or `.router`), in layer order."""
+    out = []
+    for name, block in model.named_modules():
+        m = LAYER_PREFIX.match(name)
+        router = getattr(block, "gate", None) or getattr(block, "router", None)
+        if m and hasattr(block, "experts") and router is not None:
+            norm = model.get_submodule(m.group(1)).post_attention_layernorm
+            out.append(MoeLayer(int(m.group(2)), norm, router, block.experts))
+    return sorted(out, key=lambda l: l.index)
+
+
+def speculate(layer: MoeLayer, hidden: torch.Tensor, extra: int = 0) -> torch.Tensor:
+    """The experts `layer` would pick for `hidden` [N, H], taken from an earlier layer's residual stream: its own
+    norm and router applied to it (both called through `forward`, so no hooks fire). Returns [N, k + extra]: the
+    router's top-k, then the next `extra` experts by router logit."""
+    logits, _, index = layer.router.forward(layer.norm.forward(hidden))
+    index = index.reshape(hidden.shape[0], -1)
+    if not extra:
+        return index
+    logits = logits.reshape(hidden.shape[0], -1).float().scatter(1, index, float("-inf"))
+    return torch.cat([index, logits.topk(extra, dim=-1).indices], dim=1)
