@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -180,6 +181,70 @@ def _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed) 
         result = run_once(m, ids, max_new_tokens, temperature, seed, tokenizer, _streamer(tokenizer))
         console.print()
         messages.append({"role": "assistant", "content": result.text or ""})
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(x.strip().rstrip("%")) / 100 for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ExpertPagerError(f"--cache must be percentages such as 10%,25%,50%, got {text!r}") from None
+
+
+@app.command()
+def simulate(
+    traces: list[str] = typer.Argument(..., help="Routing traces (.npz from tools.trace.save_trace)."),
+    cache: str = typer.Option("10%,25%,50%", "--cache", help="Cache sizes as percentages of all expert bytes."),
+    policy: str = typer.Option("lru,lfu,cycle,belady", "--policy", help="Policies: lru, lfu, cycle, belady."),
+    prefetch: str = typer.Option("none", "--prefetch", help="none, temporal, next-layer (needs --model), or a comma list."),
+    model: str = typer.Option(None, "--model", help="The traced model: slice sizes from its layout (else uniform), routers for next-layer."),
+    json_out: bool = typer.Option(False, "--json", help='Print one JSON object {"rows": [...]}.'),
+    plot_path: str = typer.Option(None, "--plot", help="Write a PNG of hit rate vs cache size per policy."),
+) -> None:
+    """Replay recorded routing through the pager's cache policies: hit rate and bytes read per token."""
+    from .tools.simulate import plot, rows_json, simulate as run_sim
+    from .tools.trace import load_trace
+
+    loaded = {Path(path).stem: load_trace(path) for path in traces}
+    modes = [p.strip() for p in prefetch.split(",") if p.strip()]
+    slices, predicted = 1 << 20, None
+    if model is not None:
+        from .model.read_layout import read_layout
+
+        slices = read_layout(model).slices
+        if "next-layer" in modes:
+            predicted = _speculate(model, loaded)
+    rows = run_sim(loaded, _fractions(cache), [p.strip() for p in policy.split(",")], modes, slices, predicted)
+    if plot_path:
+        plot(rows, plot_path)
+    if json_out:
+        print(json.dumps(rows_json(rows)))
+        return
+    t = Table(title="simulated cache" + ("" if model else " (uniform slice sizes)"))
+    for col in ("trace", "policy", "prefetch", "cache", "hit rate", "misses", "read per token"):
+        t.add_column(col, justify="left" if col in ("trace", "policy", "prefetch") else "right")
+    for r in rows:
+        t.add_row(r.trace, r.policy, r.prefetch, f"{100 * r.cache_fraction:g}%", f"{r.hit_rate:.1%}", str(r.misses),
+                  format_size(int(r.bytes_per_token)))
+    console.print(t)
+
+
+def _speculate(model: str, traces: dict) -> dict:
+    """Next-layer predictions for each trace's tokens, checked against the trace's own routing."""
+    import numpy as np
+
+    from .model.read_layout import read_layout
+    from .runner import load_resident
+    from .tools.speculation import speculation
+
+    m = load_resident(read_layout(model).path)
+    out = {}
+    for name, trace in traces.items():
+        actual, predicted = speculation(m, trace.tokens, lookahead=1)
+        if not np.array_equal(np.sort(actual, -1), np.sort(trace.experts.astype(np.int64), -1)):
+            raise ExpertPagerError(f"{name}: {model} routes these tokens differently from the trace; was it traced "
+                                   "with this model and windows of 256 tokens?")
+        out[name] = predicted
+    return out
 
 
 def main() -> None:

@@ -1,0 +1,110 @@
+"""Replay recorded routing traces through the pager's own cache bookkeeping and policies (`replay_steps`), with
+or without prefetching, for several cache sizes: hit rate and bytes read per token, as rows and a plot."""
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import ExpertPagerError
+from ..model.layout import ExpertSlice, SliceKey
+from ..pager import Step, replay_steps
+from ..pager.reads import BLOCK
+from ..pager.replay import slot_needs
+from ..runtime.moe_layers import MoeLayer
+from ..runtime.predictors import Routed, Temporal
+from .trace import Trace
+
+PREFETCH = ("none", "temporal", "next-layer")
+
+
+@dataclass
+class Row:
+    trace: str
+    policy: str
+    prefetch: str
+    cache_fraction: float
+    hit_rate: float
+    misses: int
+    bytes_per_token: float
+    prefetch_issued: int
+
+
+def trace_steps(trace: Trace, prefetch: str = "none", predicted: np.ndarray | None = None) -> list[Step]:
+    """One step per token and MoE layer, its experts pinned together as the paged module pins them (sorted), with
+    the prefetches the live predictor would queue then: `temporal` runs the runtime's Temporal predictor;
+    `next-layer` takes `predicted` [T, M, 1+, k'] from `speculation` (one layer ahead)."""
+    layers = [int(l) for l in trace.layers]
+    temporal = Temporal()
+    temporal.start([MoeLayer(l, None, None, None) for l in layers], trace.num_experts, 0)
+    steps = []
+    for t in range(trace.num_tokens):
+        for m, layer in enumerate(layers):
+            experts = sorted(set(trace.experts[t, m].tolist()))
+            ahead: list[SliceKey] = []
+            if prefetch == "temporal":
+                ahead = temporal.routed(Routed(layer, experts, None))
+            elif prefetch == "next-layer" and m + 1 < len(layers):
+                ahead = [(layers[m + 1], int(e)) for e in dict.fromkeys(predicted[t, m, 0].tolist())]
+            steps.append(Step(tuple((layer, e) for e in experts), tuple(ahead)))
+    return steps
+
+
+def simulate(traces: dict[str, Trace], fractions: Sequence[float], policies: Sequence[str],
+             prefetch: Sequence[str] = ("none",), slices: dict[SliceKey, ExpertSlice] | int = 1 << 20,
+             predicted: dict[str, np.ndarray] | None = None) -> list[Row]:
+    """Rows for every trace x prefetch x policy x cache fraction. The budget is `fraction` of all slices' slot
+    bytes; `slices` is the model layout's slices (one int: every slice that many bytes). Belady (the demand-only
+    offline optimum) runs once per trace, without prefetch."""
+    rows = []
+    for name, trace in traces.items():
+        keys = [(int(l), e) for l in trace.layers for e in range(trace.num_experts)]
+        if isinstance(slices, int):
+            table, total = dict.fromkeys(keys, slices), len(keys) * -(-slices // BLOCK) * BLOCK
+        else:
+            table = {k: slices[k] for k in keys}
+            total = sum(slot_needs(table).values())
+        for pf in prefetch:
+            if pf not in PREFETCH:
+                raise ExpertPagerError(f"unknown prefetch {pf!r}: use one of {', '.join(PREFETCH)}")
+            if pf == "next-layer" and (predicted is None or name not in predicted):
+                raise ExpertPagerError("--prefetch next-layer needs the model (--model) to run its routers")
+            steps = trace_steps(trace, pf, (predicted or {}).get(name))
+            for policy in policies:
+                if policy == "belady" and pf != prefetch[0]:
+                    continue
+                for fraction in fractions:
+                    use = trace_steps(trace) if policy == "belady" else steps
+                    r = replay_steps(use, table, int(fraction * total), policy, trace.top_k)
+                    rows.append(Row(name, policy, "none" if policy == "belady" else pf, fraction, r.hit_rate,
+                                    r.misses, r.bytes_read / trace.num_tokens, r.prefetch_issued))
+    return rows
+
+
+def rows_json(rows: list[Row]) -> dict:
+    """{"rows": [...]} for --json."""
+    return {"rows": [asdict(r) for r in rows]}
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """Hit rate vs cache size, one line per policy (and prefetch), Belady dashed; one panel per trace."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traces = list(dict.fromkeys(r.trace for r in rows))
+    fig, axes = plt.subplots(1, len(traces), figsize=(5.5 * len(traces), 4), squeeze=False)
+    for ax, name in zip(axes[0], traces):
+        mine = [r for r in rows if r.trace == name]
+        for label in dict.fromkeys((r.policy, r.prefetch) for r in mine):
+            pts = sorted((r.cache_fraction, r.hit_rate) for r in mine if (r.policy, r.prefetch) == label)
+            text = label[0] if label[1] == "none" else f"{label[0]} + {label[1]}"
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], "--" if label[0] == "belady" else "-o",
+                    color="black" if label[0] == "belady" else None, label=text)
+        ax.set(title=name, xlabel="cache (% of expert bytes)", ylabel="hit rate", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

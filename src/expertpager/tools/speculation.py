@@ -1,0 +1,61 @@
+"""Speculative routing measured on a model: the experts each MoE layer actually picks for each token, and what
+the next-layer predictor (the same `speculate` the live prefetcher uses) picks for the layers ahead of it."""
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from ..runtime.moe_layers import moe_layers, speculate
+
+
+@torch.inference_mode()
+def speculation(model: PreTrainedModel, tokens: np.ndarray, lookahead: int = 3, extra: int = 0,
+                chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Run `model` over `tokens` in independent windows of `chunk` (as `record_trace` does) and return
+    (actual int64 [T, M, k], predicted int64 [T, M, lookahead, k + extra]): predicted[t, m, d-1] is layer m+d's
+    router applied to layer m's residual stream, -1 past the last layer."""
+    layers = moe_layers(model)
+    hidden: dict[int, torch.Tensor] = {}
+    routed: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.norm.register_forward_pre_hook(lambda _m, args, i=i: hidden.__setitem__(i, args[0])))
+        handles.append(layer.router.register_forward_hook(lambda _m, _a, out, i=i: routed.__setitem__(i, out[2])))
+    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long).reshape(-1)
+    actual, predicted = [], []
+    try:
+        for start in range(0, ids.numel(), chunk):
+            model(input_ids=ids[None, start:start + chunk], use_cache=False)
+            n = min(chunk, ids.numel() - start)
+            k = routed[0].shape[-1]
+            actual.append(torch.stack([routed[i].reshape(n, k) for i in range(len(layers))], 1))
+            guess = torch.full((n, len(layers), lookahead, k + extra), -1, dtype=torch.long)
+            for i in range(len(layers)):
+                h = hidden[i].reshape(n, -1)
+                for d in range(1, lookahead + 1):
+                    if i + d < len(layers):
+                        guess[:, i, d - 1] = speculate(layers[i + d], h, extra)
+            predicted.append(guess)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(actual).long().numpy(), torch.cat(predicted).numpy()
+
+
+def recall_precision(actual: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per predicted MoE layer and look-ahead distance: (recall, precision) of predicted slices, [M, D] each, NaN
+    where no layer lies that far behind. recall = share of the target layer's experts predicted; precision = share
+    of predicted experts the target layer uses."""
+    t, m, k = actual.shape
+    dists = predicted.shape[2]
+    recall = np.full((m, dists), np.nan)
+    precision = np.full((m, dists), np.nan)
+    for i in range(m):
+        for d in range(1, dists + 1):
+            if i + d >= m:
+                continue
+            guess = predicted[:, i, d - 1]
+            hits = (guess[:, :, None] == actual[:, i + d, None, :]).any(-1).sum()
+            recall[i + d, d - 1] = hits / (t * k)
+            precision[i + d, d - 1] = hits / guess.size
+    return recall, precision
