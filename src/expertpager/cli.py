@@ -105,6 +105,8 @@ def run(
     cache: str = typer.Option(None, "--cache", help="Expert cache size: bytes (2GB, 512MiB) or a percentage of all expert bytes (25%)."),
     policy: str = typer.Option("lru", "--policy", help="Eviction policy: lru, lfu, cycle."),
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Load the next chunk of experts while one computes."),
+    predictor: str = typer.Option(None, "--predictor", help="Prefetch predictors: next-layer, temporal, domain, comma-separated."),
+    profiles: str = typer.Option(None, "--profiles", help="Folder of domain profiles for --predictor domain (see `expertpager profile`)."),
     resident: bool = typer.Option(False, "--resident", help="Run the same model fully in memory with plain transformers."),
     compare: bool = typer.Option(False, "--compare", help="Run fully resident and paged, one after the other, and show both."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
@@ -119,7 +121,8 @@ def run(
 
     ref = model or str(demo_model_path())
     tokenizer = load_tokenizer(read_layout(ref).path)
-    options = dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io)
+    options = dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io,
+                   predictors=predictor, profiles=profiles)
     if chat:
         _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed)
         return
@@ -245,6 +248,70 @@ def _speculate(model: str, traces: dict) -> dict:
                                    "with this model and windows of 256 tokens?")
         out[name] = predicted
     return out
+
+
+@app.command()
+def profile(
+    model: str = typer.Argument(None, help="Model to profile (default: the bundled demo MoE)."),
+    input_file: str = typer.Option(None, "--input", help="Text file of the domain."),
+    name: str = typer.Option(None, "--name", help="Profile name, e.g. code or prose."),
+    out: str = typer.Option(None, "--out", help="Profiles folder (default: $EXPERTPAGER_PROFILES or ~/.cache/expertpager/profiles)."),
+    compare_with: str = typer.Option(None, "--compare", help="Compare two stored profiles instead: A,B (names in the folder or .json paths)."),
+    cache: str = typer.Option("50%", "--cache", help="Expert cache while profiling."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Store a domain's per-slice usage (JSON + heatmap PNG) for pre-warming, or compare two profiles."""
+    from .runtime.profiles import default_profiles_dir, load_profile, save_profile
+    from .tools.profile import build_profile, compare, heatmap
+
+    folder = Path(out) if out else default_profiles_dir()
+    if compare_with:
+        names = [n.strip() for n in compare_with.split(",")]
+        if len(names) != 2:
+            raise ExpertPagerError(f"--compare takes two profiles A,B, got {compare_with!r}")
+        a, b = (load_profile(n if n.endswith(".json") else folder / f"{n}.json") for n in names)
+        if a.layers != b.layers or a.counts.shape != b.counts.shape:
+            raise ExpertPagerError(f"profiles {a.name} and {b.name} come from models of different geometry")
+        png = folder / f"{a.name}-vs-{b.name}.png"
+        heatmap([a, b], str(png))
+        info = {**compare(a, b), "heatmap": str(png)}
+        if json_out:
+            print(json.dumps(info))
+            return
+        t = Table(title=f"{a.name} vs {b.name}: cosine {info['cosine']:.3f}")
+        for col in ("layer", "cosine", f"hot {info['hot_share']:.0%} overlap"):
+            t.add_column(col, justify="right")
+        for layer, c, j in zip(info["layers"], info["layer_cosine"], info["hot_jaccard"]):
+            t.add_row(str(layer), f"{c:.3f}", f"{j:.2f}")
+        console.print(t)
+        console.print(f"heatmap: {png}")
+        return
+    if not input_file or not name:
+        raise ExpertPagerError("profile needs --input FILE and --name NAME (or --compare A,B)")
+    from .model.demo import demo_model_path
+    from .model.read_layout import read_layout
+    from .runner import load_tokenizer
+    from .runtime.load import load
+
+    ref = model or str(demo_model_path())
+    tokenizer = load_tokenizer(read_layout(ref).path)
+    if tokenizer is None:
+        raise ExpertPagerError(f"{ref}: profiling text needs a tokenizer")
+    try:
+        text = Path(input_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExpertPagerError(f"{input_file}: cannot read ({e})") from None
+    m = load(ref, cache=cache)
+    p = build_profile(m, tokenizer(text)["input_ids"], name, str(ref))
+    m.pager.close()
+    path, png = folder / f"{name}.json", folder / f"{name}.png"
+    save_profile(p, path)
+    heatmap([p], str(png))
+    info = {"name": name, "tokens": p.tokens, "profile": str(path), "heatmap": str(png)}
+    if json_out:
+        print(json.dumps(info))
+        return
+    console.print(f"profile [bold]{name}[/bold]: {p.tokens} tokens -> {path}, heatmap {png}")
 
 
 def main() -> None:
