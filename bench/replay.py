@@ -1,0 +1,158 @@
+"""Recorded (or synthetic skewed) routing driven through real page-in and real expert compute at a realistic
+slice size, comparing at one cache size: no cache, LRU, the best policy, the best policy + prefetch, and every
+slice resident. Run by hand:
+
+    PYTHONPATH=src python bench/replay.py [--trace T.npz [--model DIR]] [--cache 25%] [--tokens 64]
+
+Writes a scratch file of bf16 expert slices (gate, up, down of hidden x inter; default 2048 x 384 = 4.7 MB, between
+Qwen3-30B-A3B's 2.7 MB at Q4 and 9.4 MB at bf16), one per (layer, expert) of the trace, deleted at the end. Each
+token pins its experts layer by layer with `pin_many` (io=direct: every miss is a disk read) and multiplies by
+them (gate/up, SiLU, down; one thread). "best" is the policy with the fewest misses when the same trace is
+replayed (`simulate`) without prefetch; "best + prefetch" is the policy and predictor (temporal, or next-layer
+with --model) that replay best together.
+Warm-up tokens run first, untimed. Prints a table, then one JSON line.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from expertpager.model.layout import ExpertSlice, TensorPart
+from expertpager.pager import SliceCache
+from expertpager.runtime.paged_experts import slice_tensors
+from expertpager.tools.simulate import simulate, trace_steps
+from expertpager.tools.synthetic import skewed_trace
+from expertpager.tools.trace import load_trace
+
+MB = 10**6
+
+
+def write_slices(path: str, layers: list[int], experts: int, hidden: int, inter: int) -> dict:
+    """A file of bf16 slices, each gate [I,H], up [I,H], down [H,I] back to back; returns the ExpertSlices."""
+    n = inter * hidden
+    block = (torch.randn(3 * n) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy()
+    slices, pos = {}, 0
+    with open(path, "wb") as f:
+        for layer in layers:
+            for e in range(experts):
+                block[:2] = (layer * experts + e) % 256  # no two slices identical
+                f.write(block.data)
+                parts = (TensorPart("gate", path, pos, 2 * n, "BF16", (inter, hidden)),
+                         TensorPart("up", path, pos + 2 * n, 2 * n, "BF16", (inter, hidden)),
+                         TensorPart("down", path, pos + 4 * n, 2 * n, "BF16", (hidden, inter)))
+                slices[(layer, e)] = ExpertSlice(layer, e, parts)
+                pos += 6 * n
+        f.flush()
+        os.fsync(f.fileno())
+    return slices
+
+
+def expert_forward(x: torch.Tensor, sl: ExpertSlice, buf) -> torch.Tensor:
+    """One expert on one token: SiLU(x gate^T) * (x up^T), then down."""
+    w = slice_tensors(sl, buf.views, torch.bfloat16)
+    gate, up = torch.nn.functional.linear(x, w["gate_up"]).chunk(2, dim=-1)
+    return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w["down"])
+
+
+def run(name: str, slices: dict, budget: int, policy: str, steps: list, warmup: int, per_token: int, k: int,
+        prefetch: bool, preload: bool, hidden: int) -> dict:
+    """Decode the steps on a fresh (cold) cache; time the steps after the warm-up tokens."""
+    with SliceCache(slices, budget, policy, io="direct", threads=4, min_pinned=k) as cache:
+        if preload:
+            keys = list(slices)
+            for i in range(0, len(keys), cache.num_slots):
+                cache.pin_many(keys[i:i + cache.num_slots]).release()
+        x = torch.randn(1, hidden).to(torch.bfloat16)
+        start, base = None, None
+        for i, step in enumerate(steps):
+            if i == warmup * per_token:
+                start, base = time.perf_counter(), cache.stats_snapshot()
+            with cache.pin_many(step.keys) as bufs:
+                if prefetch:
+                    cache.prefetch(step.prefetch)
+                out = sum(expert_forward(x, slices[key], buf) for key, buf in bufs.items())
+            x = (out / out.float().norm().clamp_min(1e-6)).to(torch.bfloat16)
+        seconds = time.perf_counter() - start
+        s = cache.stats_snapshot()
+        tokens = len(steps) // per_token - warmup
+        pins = (s.hits + s.joins + s.misses) - (base.hits + base.joins + base.misses)
+        return {"mode": name, "policy": policy, "prefetch": prefetch, "tokens_per_s": tokens / seconds,
+                "hit_rate": (s.hits - base.hits) / pins, "mb_read_per_token": (s.bytes_read - base.bytes_read) / tokens / MB,
+                "stall_s": s.stall_seconds - base.stall_seconds, "seconds": seconds, "cache_mb": cache.pool_bytes / MB}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trace", help="routing trace .npz (default: synthetic skewed routing, 8 layers x 64 experts, top-8)")
+    ap.add_argument("--model", help="the traced model: adds next-layer prefetch (its routers on its hidden states)")
+    ap.add_argument("--cache", default="25%")
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--warmup", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--inter", type=int, default=384)
+    ap.add_argument("--path", default="/tmp/expertpager-bench-replay.bin")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    total_tokens = args.tokens + args.warmup
+    if args.trace:
+        trace = load_trace(args.trace)
+        trace.experts, trace.tokens = trace.experts[:total_tokens], trace.tokens[:total_tokens]
+    else:
+        trace = skewed_trace(total_tokens, 8, 64, 8, seed=1)
+    predicted = None
+    if args.model:
+        from expertpager.model.read_layout import read_layout
+        from expertpager.runner import load_resident
+        from expertpager.tools.speculation import speculation
+
+        actual, pred = speculation(load_resident(read_layout(args.model).path), trace.tokens, lookahead=1)
+        predicted = {"trace": pred}
+    layers = [int(l) for l in trace.layers]
+    fraction = float(args.cache.rstrip("%")) / 100
+    prefetchers = ["temporal"] + (["next-layer"] if predicted else [])
+    rows = simulate({"trace": trace}, [fraction], ["lru", "lfu", "cycle"], ["none"] + prefetchers,
+                    6 * args.hidden * args.inter, predicted)
+    best = min((r for r in rows if r.prefetch == "none"), key=lambda r: r.misses).policy
+    with_pf = min((r for r in rows if r.prefetch != "none"), key=lambda r: r.misses)
+    best_pf_policy, best_pf = with_pf.policy, with_pf.prefetch
+    print(f"replayed at {args.cache}: " + ", ".join(f"{r.policy}+{r.prefetch} {r.hit_rate:.1%}" for r in rows))
+    k = trace.top_k
+    print(f"writing {len(layers) * trace.num_experts} slices of {6 * args.hidden * args.inter / MB:.1f} MB to {args.path}")
+    slices = write_slices(args.path, layers, trace.num_experts, args.hidden, args.inter)
+    try:
+        slot = 6 * args.hidden * args.inter
+        all_bytes = slot * len(slices)
+        plain, ahead = trace_steps(trace), trace_steps(trace, best_pf, (predicted or {}).get("trace"))
+        common = dict(warmup=args.warmup, per_token=len(layers), k=k, hidden=args.hidden)
+        results = [
+            run("no cache", slices, k * slot, "lru", plain, prefetch=False, preload=False, **common),
+            run("lru", slices, int(fraction * all_bytes), "lru", plain, prefetch=False, preload=False, **common),
+            run("best", slices, int(fraction * all_bytes), best, plain, prefetch=False, preload=False, **common),
+            run(f"best + {best_pf}", slices, int(fraction * all_bytes), best_pf_policy, ahead, prefetch=True,
+                preload=False, **common),
+            run("resident", slices, all_bytes, "lru", plain, prefetch=False, preload=True, **common),
+        ]
+    finally:
+        os.remove(args.path)
+    print(f"{'mode':<22}{'policy':<8}{'tok/s':>8}{'hit rate':>10}{'MB read/tok':>13}{'stall s':>9}")
+    for r in results:
+        print(f"{r['mode']:<22}{r['policy']:<8}{r['tokens_per_s']:>8.2f}{r['hit_rate']:>10.1%}"
+              f"{r['mb_read_per_token']:>13.1f}{r['stall_s']:>9.2f}")
+    by = {r["mode"].split(" +")[0] if r["prefetch"] else r["mode"]: r for r in results}
+    pf = next(r for r in results if r["prefetch"])
+    print(json.dumps({
+        "bench": "replay", "trace": args.trace or "synthetic", "cache": args.cache, "slice_mb": slot / MB,
+        "best_policy": best, "prefetch_policy": best_pf_policy, "prefetch": best_pf,
+        **{f"{r['mode']}_tok_s".replace(" ", "_").replace("+", ""): round(r["tokens_per_s"], 3) for r in results},
+        **{f"{r['mode']}_hit_rate".replace(" ", "_").replace("+", ""): round(r["hit_rate"], 4) for r in results},
+        "prefetch_vs_resident": round(pf["tokens_per_s"] / by["resident"]["tokens_per_s"], 3),
+        "prefetch_vs_no_cache": round(pf["tokens_per_s"] / by["no cache"]["tokens_per_s"], 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
