@@ -100,3 +100,12 @@ def test_profiles_heatmap_and_compare(tmp_path, tiny):
     got = json.loads(out.stdout)
     assert got["cosine"] == pytest.approx(compare(a, b)["cosine"]) and len(got["hot_jaccard"]) == len(a.layers)
     assert (tmp_path / "low-vs-high.png").read_bytes()[:4] == PNG
+
+
+def test_cycle_policy_survives_its_weight_rescaling():
+    """LayerCycle rescales its decayed counts after about 3,600 tokens; its heaps must still hold every slice."""
+    trace = skewed_trace(4000, 2, 6, 1, seed=3)
+    steps = trace_steps(trace)
+    cycle = replay_steps(steps, 4096, 3 * 4096, "cycle", 1)
+    assert cycle.hits + cycle.misses == 4000 * 2
+    assert cycle.misses >= replay_steps(steps, 4096, 3 * 4096, "belady", 1).misses

@@ -232,22 +232,28 @@ def simulate(
 
 
 def _speculate(model: str, traces: dict) -> dict:
-    """Next-layer predictions for each trace's tokens, checked against the trace's own routing."""
+    """Next-layer predictions for each trace's tokens, from the model in its stored dtype or else float32 (the
+    dtype traces are often recorded in), whichever reproduces the trace's own routing."""
     import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
 
     from .model.read_layout import read_layout
-    from .runner import load_resident
     from .tools.speculation import speculation
 
-    m = load_resident(read_layout(model).path)
+    path = read_layout(model).path
     out = {}
-    for name, trace in traces.items():
-        actual, predicted = speculation(m, trace.tokens, lookahead=1)
-        if not np.array_equal(np.sort(actual, -1), np.sort(trace.experts.astype(np.int64), -1)):
-            raise ExpertPagerError(f"{name}: {model} routes these tokens differently from the trace; was it traced "
-                                   "with this model and windows of 256 tokens?")
-        out[name] = predicted
-    return out
+    for dtype in ("auto", torch.float32):
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        for name, trace in traces.items():
+            actual, predicted = speculation(m, trace.tokens, lookahead=1)
+            if np.array_equal(np.sort(actual, -1), np.sort(trace.experts.astype(np.int64), -1)):
+                out[name] = predicted
+        if len(out) == len(traces):
+            return out
+    missing = ", ".join(n for n in traces if n not in out)
+    raise ExpertPagerError(f"{missing}: {model} routes these tokens differently from the trace; was it traced with "
+                           "this model and windows of 256 tokens?")
 
 
 @app.command()

@@ -69,8 +69,12 @@ class _LazyHeap:
     def compact(self, current: dict, keys: Collection[SliceKey]) -> None:
         """Rebuild from the current priorities of `keys` once stale entries pile up."""
         if len(self.heap) > 2 * len(keys) + 64:
-            self.heap = [(current[k], k) for k in keys]
-            heapq.heapify(self.heap)
+            self.rebuild(current, keys)
+
+    def rebuild(self, current: dict, keys: Collection[SliceKey]) -> None:
+        """Only the current priorities of `keys`."""
+        self.heap = [(current[k], k) for k in keys]
+        heapq.heapify(self.heap)
 
 
 class LRU(Policy):
@@ -211,8 +215,7 @@ class LayerCycle(Policy):
             self.scale = 1.0
             self.prio = {k: (self.weight[k], t) for k, (_, t) in self.prio.items()}
             for layer, heap in self.heaps.items():
-                heap.heap = []
-                heap.compact(self.prio, self.members[layer])
+                heap.rebuild(self.prio, self.members[layer])
 
     def remove(self, key: SliceKey) -> None:
         del self.prio[key]

@@ -3,6 +3,7 @@
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ..errors import ExpertPagerError
 from ..model.layout import ExpertSlice, SliceKey
 from .policies import Policy, make_policy
 from .pool import plan_slots
@@ -87,7 +88,8 @@ def replay_steps(
                     prefetched.discard(key)
                     stats.add("prefetch_hits", key)
             else:
-                _place(book, stats, sizes, key, held, prefetched)
+                if not _place(book, stats, sizes, key, held, prefetched):
+                    raise ExpertPagerError(f"replay: no slot can be freed for {key}; a step pins more keys than min_pinned")
                 stats.add("misses", key)
             pol.touch(key)
         for key in step.prefetch:
