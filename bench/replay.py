@@ -25,6 +25,7 @@ from expertpager.model.layout import ExpertSlice, TensorPart
 from expertpager.pager import SliceCache
 from expertpager.runtime.paged_experts import slice_tensors
 from expertpager.tools.simulate import simulate, trace_steps
+from expertpager.tools.speculation import trace_speculation
 from expertpager.tools.synthetic import skewed_trace
 from expertpager.tools.trace import load_trace
 
@@ -103,14 +104,7 @@ def main() -> None:
         trace.experts, trace.tokens = trace.experts[:total_tokens], trace.tokens[:total_tokens]
     else:
         trace = skewed_trace(total_tokens, 8, 64, 8, seed=1)
-    predicted = None
-    if args.model:
-        from expertpager.model.read_layout import read_layout
-        from expertpager.runner import load_resident
-        from expertpager.tools.speculation import speculation
-
-        actual, pred = speculation(load_resident(read_layout(args.model).path), trace.tokens, lookahead=1)
-        predicted = {"trace": pred}
+    predicted = trace_speculation(args.model, {"trace": trace}) if args.model else None
     layers = [int(l) for l in trace.layers]
     fraction = float(args.cache.rstrip("%")) / 100
     prefetchers = ["temporal"] + (["next-layer"] if predicted else [])

@@ -215,7 +215,9 @@ def simulate(
 
         slices = read_layout(model).slices
         if "next-layer" in modes:
-            predicted = _speculate(model, loaded)
+            from .tools.speculation import trace_speculation
+
+            predicted = trace_speculation(model, loaded)
     rows = run_sim(loaded, _fractions(cache), [p.strip() for p in policy.split(",")], modes, slices, predicted)
     if plot_path:
         plot(rows, plot_path)
@@ -229,31 +231,6 @@ def simulate(
         t.add_row(r.trace, r.policy, r.prefetch, f"{100 * r.cache_fraction:g}%", f"{r.hit_rate:.1%}", str(r.misses),
                   format_size(int(r.bytes_per_token)))
     console.print(t)
-
-
-def _speculate(model: str, traces: dict) -> dict:
-    """Next-layer predictions for each trace's tokens, from the model in its stored dtype or else float32 (the
-    dtype traces are often recorded in), whichever reproduces the trace's own routing."""
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .model.read_layout import read_layout
-    from .tools.speculation import speculation
-
-    path = read_layout(model).path
-    out = {}
-    for dtype in ("auto", torch.float32):
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        for name, trace in traces.items():
-            actual, predicted = speculation(m, trace.tokens, lookahead=1)
-            if np.array_equal(np.sort(actual, -1), np.sort(trace.experts.astype(np.int64), -1)):
-                out[name] = predicted
-        if len(out) == len(traces):
-            return out
-    missing = ", ".join(n for n in traces if n not in out)
-    raise ExpertPagerError(f"{missing}: {model} routes these tokens differently from the trace; was it traced with "
-                           "this model and windows of 256 tokens?")
 
 
 @app.command()

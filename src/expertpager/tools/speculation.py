@@ -3,9 +3,12 @@ the next-layer predictor (the same `speculate` the live prefetcher uses) picks f
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from ..errors import ExpertPagerError
+from ..model.read_layout import read_layout
 from ..runtime.moe_layers import moe_layers, speculate
+from .trace import Trace
 
 
 @torch.inference_mode()
@@ -59,3 +62,21 @@ def recall_precision(actual: np.ndarray, predicted: np.ndarray) -> tuple[np.ndar
             recall[i + d, d - 1] = hits / (t * k)
             precision[i + d, d - 1] = hits / guess.size
     return recall, precision
+
+
+def trace_speculation(model_ref: str, traces: dict[str, Trace]) -> dict[str, np.ndarray]:
+    """One-layer-ahead predictions for each trace's tokens, from the model in its stored dtype or else float32
+    (the dtype traces are often recorded in), whichever reproduces the trace's own routing."""
+    path = read_layout(model_ref).path
+    out = {}
+    for dtype in ("auto", torch.float32):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        for name, trace in traces.items():
+            actual, predicted = speculation(model, trace.tokens, lookahead=1)
+            if name not in out and np.array_equal(np.sort(actual, -1), np.sort(trace.experts.astype(np.int64), -1)):
+                out[name] = predicted
+        if len(out) == len(traces):
+            return out
+    missing = ", ".join(n for n in traces if n not in out)
+    raise ExpertPagerError(f"{missing}: {model_ref} routes these tokens differently from the trace; was it traced "
+                           "with this model and windows of 256 tokens?")
