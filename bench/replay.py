@@ -8,8 +8,8 @@ Writes a scratch file of bf16 expert slices (gate, up, down of hidden x inter; d
 Qwen3-30B-A3B's 2.7 MB at Q4 and 9.4 MB at bf16), one per (layer, expert) of the trace, deleted at the end. Each
 token pins its experts layer by layer with `pin_many` (io=direct: every miss is a disk read) and multiplies by
 them (gate/up, SiLU, down; one thread). "best" is the policy with the fewest misses when the same trace is
-replayed (`simulate`) without prefetch; "best + prefetch" is the policy and predictor (temporal, or next-layer
-with --model) that replay best together.
+replayed (`simulate`) without prefetch; "best + prefetch" adds the predictor (temporal, or next-layer with --model)
+that replays best with it. Prefetches still queued when the next layer pins are cancelled, as the runtime does.
 Warm-up tokens run first, untimed. Prints a table, then one JSON line.
 """
 
@@ -74,6 +74,7 @@ def run(name: str, slices: dict, budget: int, policy: str, steps: list, warmup: 
                 start, base = time.perf_counter(), cache.stats_snapshot()
             with cache.pin_many(step.keys) as bufs:
                 if prefetch:
+                    cache.cancel_prefetches()
                     cache.prefetch(step.prefetch)
                 out = sum(expert_forward(x, slices[key], buf) for key, buf in bufs.items())
             x = (out / out.float().norm().clamp_min(1e-6)).to(torch.bfloat16)
@@ -111,8 +112,7 @@ def main() -> None:
     rows = simulate({"trace": trace}, [fraction], ["lru", "lfu", "cycle"], ["none"] + prefetchers,
                     6 * args.hidden * args.inter, predicted)
     best = min((r for r in rows if r.prefetch == "none"), key=lambda r: r.misses).policy
-    with_pf = min((r for r in rows if r.prefetch != "none"), key=lambda r: r.misses)
-    best_pf_policy, best_pf = with_pf.policy, with_pf.prefetch
+    best_pf = min((r for r in rows if r.policy == best and r.prefetch != "none"), key=lambda r: r.misses).prefetch
     print(f"replayed at {args.cache}: " + ", ".join(f"{r.policy}+{r.prefetch} {r.hit_rate:.1%}" for r in rows))
     k = trace.top_k
     print(f"writing {len(layers) * trace.num_experts} slices of {6 * args.hidden * args.inter / MB:.1f} MB to {args.path}")
@@ -126,8 +126,8 @@ def main() -> None:
             run("no cache", slices, k * slot, "lru", plain, prefetch=False, preload=False, **common),
             run("lru", slices, int(fraction * all_bytes), "lru", plain, prefetch=False, preload=False, **common),
             run("best", slices, int(fraction * all_bytes), best, plain, prefetch=False, preload=False, **common),
-            run(f"best + {best_pf}", slices, int(fraction * all_bytes), best_pf_policy, ahead, prefetch=True,
-                preload=False, **common),
+            run(f"best + {best_pf}", slices, int(fraction * all_bytes), best, ahead, prefetch=True, preload=False,
+                **common),
             run("resident", slices, all_bytes, "lru", plain, prefetch=False, preload=True, **common),
         ]
     finally:
@@ -140,7 +140,7 @@ def main() -> None:
     pf = next(r for r in results if r["prefetch"])
     print(json.dumps({
         "bench": "replay", "trace": args.trace or "synthetic", "cache": args.cache, "slice_mb": slot / MB,
-        "best_policy": best, "prefetch_policy": best_pf_policy, "prefetch": best_pf,
+        "best_policy": best, "prefetch": best_pf,
         **{f"{r['mode']}_tok_s".replace(" ", "_").replace("+", ""): round(r["tokens_per_s"], 3) for r in results},
         **{f"{r['mode']}_hit_rate".replace(" ", "_").replace("+", ""): round(r["hit_rate"], 4) for r in results},
         "prefetch_vs_resident": round(pf["tokens_per_s"] / by["resident"]["tokens_per_s"], 3),
