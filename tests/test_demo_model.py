@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from expertpager.model.demo import demo_model_path
 from expertpager.tools.trace import load_trace
@@ -35,13 +35,13 @@ def test_folder_is_in_the_package():
 
 
 def test_geometry():
-    config = json.loads((demo_model_path() / "config.json").read_text())
-    assert config["model_type"] == "qwen3_moe"
-    assert config["dtype"] == "bfloat16"
-    assert config["num_hidden_layers"] >= 6
-    assert 32 <= config["num_experts"] <= 64
-    assert 4 <= config["num_experts_per_tok"] <= 8
-    assert 4096 <= config["vocab_size"] <= 8192
+    config = AutoConfig.from_pretrained(demo_model_path())
+    assert config.model_type == "qwen3_moe"
+    assert json.loads((demo_model_path() / "config.json").read_text())["dtype"] == "bfloat16"
+    assert config.num_hidden_layers >= 6 and config.mlp_only_layers == []
+    assert 32 <= config.num_experts <= 64
+    assert 4 <= config.num_experts_per_tok <= 8
+    assert 4096 <= config.vocab_size <= 8192
 
 
 def test_weights_are_bf16_and_small():
@@ -74,11 +74,11 @@ def test_heldout_traces(domain, tokenizer):
     text = (DATA / f"heldout_{domain}.txt").read_text(encoding="utf-8")
     assert len(text.encode()) < MB
     trace = load_trace(DATA / "traces" / f"demo_{domain}_heldout.npz")
-    config = json.loads((demo_model_path() / "config.json").read_text())
+    config = AutoConfig.from_pretrained(demo_model_path())
     assert trace.domain == domain
     assert trace.num_tokens >= 2000
-    assert trace.experts.shape[1:] == (config["num_hidden_layers"], config["num_experts_per_tok"])
-    assert trace.num_experts == config["num_experts"]
+    assert trace.experts.shape[1:] == (config.num_hidden_layers, config.num_experts_per_tok)
+    assert trace.num_experts == config.num_experts
     assert 0 <= trace.experts.min() and trace.experts.max() < trace.num_experts
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: trace.num_tokens]
     np.testing.assert_array_equal(trace.tokens, ids)
