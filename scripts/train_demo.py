@@ -151,7 +151,7 @@ def lm_losses(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor
 
 
 def train(args: argparse.Namespace) -> None:
-    """Build the data and tokenizer, train in float32, save the bf16 checkpoint and the held-out texts."""
+    """Build the data and tokenizer, train in float32, save the bf16 checkpoint, tokenizer and training facts."""
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -322,7 +322,7 @@ Trained from scratch in float32 with `torch.set_num_threads({threads})` on a 2-c
   (torch {torch}).
 - the tokenizer is trained by the same script on the training split.
 
-Retrain (the seed and the data are fixed, so a run on the same Python and torch reproduces it):
+Retrain (seed, data order and thread count are fixed; a rerun has not been compared bit for bit):
 `PYTHONPATH=src python scripts/train_demo.py`; `--card-only` recomputes this card, the losses and the traces.
 
 ## Loss
@@ -343,6 +343,9 @@ From traces of the first {trace_tokens} held-out tokens of each domain (`tests/d
 - entropy: the entropy of expert popularity over the trace divided by log({cfg.num_experts})
   (1 = all experts equally used, 0 = one expert);
 - overlap: Jaccard overlap of the code and prose traces' hottest 25% of experts (uniform random sets: about 0.14).
+
+For comparison, previous-token reuse is reported at about 0.38 for Qwen MoEs and 0.18 for gpt-oss
+(REFERENCE.md); utilisation is broad (no collapsed router), and the hot sets differ by domain.
 
 | layer | {layers} | mean |
 |---|{sep}|---|
