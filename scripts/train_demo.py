@@ -6,7 +6,7 @@ grammar blocks dropped). Held-out split: code files with crc32(path) % 20 == 1, 
 crc32(name) % 10 == 1; neither is seen by the tokenizer or the model in training.
 
 Writes the checkpoint (bf16 safetensors, config, tokenizer, model card) to --out, the held-out texts and
-their routing traces to --data. Usage (about 25 minutes on one CPU thread; one thread is as fast as two for a model this small):
+their routing traces to --data (training_facts.json in --out keeps the figures the card needs). Usage (about 25 minutes on one CPU thread; one thread is as fast as two for a model this small):
 
     PYTHONPATH=src python scripts/train_demo.py
     PYTHONPATH=src python scripts/train_demo.py --steps 40 --out /tmp/demo_try --data /tmp/demo_try_data
@@ -73,15 +73,15 @@ def prose_documents() -> tuple[list[str], list[str]]:
     return train, held
 
 
-def heldout_code_text(held: list[str]) -> str:
-    """The held-out code texts joined, whole files only, up to HELDOUT_CODE_CHARS characters."""
-    out, size = [], 0
-    for text in held:
-        if out and size + len(text) > HELDOUT_CODE_CHARS:
-            continue
-        out.append(text)
-        size += len(text) + len(EOS)
-    return EOS.join(out)
+def heldout_texts() -> dict[str, str]:
+    """The held-out evaluation texts: whole held-out code files in path order, skipping any that would take the
+    text past HELDOUT_CODE_CHARS characters, and all held-out prose topics; documents joined by EOS."""
+    code, size = [], 0
+    for text in code_documents()[1]:
+        if size + len(text) <= HELDOUT_CODE_CHARS:
+            code.append(text)
+            size += len(text) + len(EOS)
+    return {"code": EOS.join(code), "prose": EOS.join(prose_documents()[1])}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -151,7 +151,7 @@ def lm_losses(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor
 
 
 def train(args: argparse.Namespace) -> None:
-    """Build the data and tokenizer, train in float32, save the bf16 checkpoint and the held-out texts."""
+    """Build the data and tokenizer, train in float32, save the bf16 checkpoint, tokenizer and training facts."""
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -160,7 +160,7 @@ def train(args: argparse.Namespace) -> None:
     # prose is ~2% of the characters: repeat it so the tokenizer learns English words too
     tokenizer = train_tokenizer(code_train + prose_train * 8, args.vocab)
     code_stream, prose_stream = encode_stream(tokenizer, code_train), encode_stream(tokenizer, prose_train)
-    held_text = {"code": heldout_code_text(code_held), "prose": EOS.join(prose_held)}
+    held_text = heldout_texts()
     print(
         f"data: code {len(code_train)} files / {code_stream.numel():,} tokens, prose {len(prose_train)} topics / "
         f"{prose_stream.numel():,} tokens; held out {len(code_held)} files, {len(prose_held)} topics "
@@ -214,9 +214,6 @@ def train(args: argparse.Namespace) -> None:
     model.config.output_router_logits = False  # inference default; training used it with router_aux_loss_coef
     model.to(torch.bfloat16).save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    args.data.mkdir(parents=True, exist_ok=True)
-    for domain, text in held_text.items():
-        (args.data / f"heldout_{domain}.txt").write_text(text, encoding="utf-8")
     facts = {
         "command": " ".join(["python", "scripts/train_demo.py", *sys.argv[1:]]),
         "train_seconds": round(train_seconds),
@@ -233,7 +230,7 @@ def train(args: argparse.Namespace) -> None:
 
 
 def write_card(args: argparse.Namespace) -> None:
-    """Evaluate the saved checkpoint, record held-out routing traces, and write the model card."""
+    """Write the held-out texts, evaluate the saved checkpoint, record held-out routing traces, write the card."""
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.out)
     model = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()
@@ -241,8 +238,8 @@ def write_card(args: argparse.Namespace) -> None:
     train_docs = {"code": code_documents()[0], "prose": prose_documents()[0]}
     (args.data / "traces").mkdir(parents=True, exist_ok=True)
     rows, traces = [], {}
-    for domain in ("code", "prose"):
-        text = (args.data / f"heldout_{domain}.txt").read_text(encoding="utf-8")
+    for domain, text in heldout_texts().items():
+        (args.data / f"heldout_{domain}.txt").write_text(text, encoding="utf-8")
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         held_loss, held_ppl, n = evaluate_loss(model, ids, window=256)
         train_ids = tokenizer(EOS.join(train_docs[domain])[: len(text)], add_special_tokens=False, return_tensors="pt")
@@ -311,7 +308,7 @@ reference-manual-looking English; it is not useful as a language model.
 
 ## Training
 
-Trained from scratch in float32 on {threads} CPU threads, saved in bf16:
+Trained from scratch in float32 with `torch.set_num_threads({threads})` on a 2-core machine, saved in bf16:
 
     PYTHONPATH=src {command}
 
@@ -325,7 +322,7 @@ Trained from scratch in float32 on {threads} CPU threads, saved in bf16:
   (torch {torch}).
 - the tokenizer is trained by the same script on the training split.
 
-Retrain (the seed and the data are fixed, so a run on the same Python and torch reproduces it):
+Retrain (seed, data order and thread count are fixed; a rerun has not been compared bit for bit):
 `PYTHONPATH=src python scripts/train_demo.py`; `--card-only` recomputes this card, the losses and the traces.
 
 ## Loss
@@ -346,6 +343,9 @@ From traces of the first {trace_tokens} held-out tokens of each domain (`tests/d
 - entropy: the entropy of expert popularity over the trace divided by log({cfg.num_experts})
   (1 = all experts equally used, 0 = one expert);
 - overlap: Jaccard overlap of the code and prose traces' hottest 25% of experts (uniform random sets: about 0.14).
+
+For comparison, previous-token reuse is reported at about 0.38 for Qwen MoEs and 0.18 for gpt-oss
+(REFERENCE.md); utilisation is broad (no collapsed router), and the hot sets differ by domain.
 
 | layer | {layers} | mean |
 |---|{sep}|---|

@@ -1,6 +1,6 @@
 """Routing traces: which experts the router chose for each token in each MoE layer, and with what weight.
 
-File format (`save_trace` / `load_trace`), one uncompressed `.npz` with these arrays:
+File format (`save_trace` / `load_trace`), one compressed `.npz` (`numpy.savez_compressed`) with these arrays:
 
     experts      int16   [T, M, k]  expert ids chosen for token t in the m-th MoE layer, in the router's order
                                     (torch.topk order: highest router probability first)
@@ -110,7 +110,7 @@ def record_trace(
 def save_trace(trace: Trace, path: str | Path) -> None:
     """Write `trace` to `path` in the `.npz` format described in this module's docstring."""
     with open(path, "wb") as f:
-        np.savez(
+        np.savez_compressed(
             f,
             experts=trace.experts.astype(np.int16),
             weights=trace.weights.astype(np.float32),
