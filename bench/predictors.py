@@ -31,7 +31,7 @@ from expertpager.tools.routing_stats import next_token_reuse
 from expertpager.tools.speculation import recall_precision, speculation
 from expertpager.tools.trace import Trace
 
-SETTINGS = ["none", "temporal", "next-layer", "domain", "next-layer,temporal,domain"]
+SETTINGS = ["none", "temporal", "next-layer", "next-layer+4", "domain", "next-layer,temporal,domain"]
 
 
 def quality(model, ids: list[int], extra: int) -> dict:

@@ -31,7 +31,7 @@ def profile_for(folder, name: str, hot: list[int]) -> Profile:
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
-@pytest.mark.parametrize("spec", ["next-layer", "temporal", "domain", "next-layer,temporal,domain"])
+@pytest.mark.parametrize("spec", ["next-layer", "temporal", "domain", "next-layer:2+2,temporal,domain"])
 def test_predictors_do_not_change_logits(tiny, tmp_path, arch, spec):
     folder = tiny[arch]
     save_profile(profile_for(folder, "hot01", [0, 1]), tmp_path / "hot01.json")
@@ -97,6 +97,8 @@ def test_unknown_predictor():
     with pytest.raises(ExpertPagerError, match="unknown predictor"):
         make_predictors("next-layer,psychic")
     assert make_predictors("none") == [] and make_predictors(None) == []
+    wide, plain = make_predictors("next-layer:2+4,next-layer")
+    assert (wide.lookahead, wide.extra, plain.lookahead, plain.extra) == (2, 4, 1, 0)
 
 
 def test_next_layer_speculation_on_the_demo_model_beats_chance():

@@ -105,7 +105,7 @@ def run(
     cache: str = typer.Option(None, "--cache", help="Expert cache size: bytes (2GB, 512MiB) or a percentage of all expert bytes (25%)."),
     policy: str = typer.Option("lru", "--policy", help="Eviction policy: lru, lfu, cycle."),
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Load the next chunk of experts while one computes."),
-    predictor: str = typer.Option(None, "--predictor", help="Prefetch predictors: next-layer, temporal, domain, comma-separated."),
+    predictor: str = typer.Option(None, "--predictor", help="Prefetch predictors, comma-separated: next-layer[:AHEAD][+EXTRA] (e.g. next-layer+4), temporal, domain."),
     profiles: str = typer.Option(None, "--profiles", help="Folder of domain profiles for --predictor domain (see `expertpager profile`)."),
     resident: bool = typer.Option(False, "--resident", help="Run the same model fully in memory with plain transformers."),
     compare: bool = typer.Option(False, "--compare", help="Run fully resident and paged, one after the other, and show both."),

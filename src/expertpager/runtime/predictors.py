@@ -5,6 +5,7 @@ Each turns events into slice keys: `routed` once a layer's slices are pinned (it
 queues what they return; a prediction only changes when bytes arrive, never what is computed.
 """
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,23 +111,28 @@ class Domain(Predictor):
         return sorted(best.hottest(self.count))
 
 
-PREDICTORS = {"next-layer": NextLayer, "temporal": Temporal, "domain": Domain}
+NEXT_LAYER = re.compile(r"next-layer(?::(\d+))?(?:\+(\d+))?$")
 
 
 def make_predictors(spec: "str | Sequence[str | Predictor] | None", profiles: str | Path | None = None) -> list[Predictor]:
-    """Predictors from names ('next-layer,temporal,domain'; 'none' or None for none) or instances; `profiles` is
-    the domain predictor's folder."""
+    """Predictors from names ('next-layer,temporal,domain'; 'next-layer:2+4' looks 2 layers ahead with 4 extra
+    experts; 'none' or None for none) or instances; `profiles` is the domain predictor's folder."""
     if spec is None:
         return []
     items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
     out = []
     for item in items:
+        nl = NEXT_LAYER.match(item) if isinstance(item, str) else None
         if isinstance(item, Predictor):
             out.append(item)
         elif item == "none":
             continue
-        elif item not in PREDICTORS:
-            raise ExpertPagerError(f"unknown predictor {item!r}: use one of {', '.join(PREDICTORS)} or none")
+        elif nl:
+            out.append(NextLayer(int(nl.group(1) or 1), int(nl.group(2) or 0)))
+        elif item == "temporal":
+            out.append(Temporal())
+        elif item == "domain":
+            out.append(Domain(profiles))
         else:
-            out.append(Domain(profiles) if item == "domain" else PREDICTORS[item]())
+            raise ExpertPagerError(f"unknown predictor {item!r}: use next-layer[:AHEAD][+EXTRA], temporal, domain or none")
     return out
