@@ -23,7 +23,7 @@ from .profiles import Profile, closest, default_profiles_dir, load_profiles
 class Routed:
     layer: int  # decoder layer whose experts are now pinned
     experts: list[int]  # experts the last position of each sequence uses in that layer
-    hidden: torch.Tensor  # residual stream entering that layer's post-attention norm, last positions [B, H]
+    hidden: torch.Tensor | None  # residual stream entering that layer's post-attention norm, last positions [B, H]
 
 
 class Predictor:
