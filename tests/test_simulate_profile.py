@@ -1,6 +1,7 @@
 """simulate and profile: real traces and models through the real pager policies, CLI output, plots."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,3 +110,18 @@ def test_cycle_policy_survives_its_weight_rescaling():
     cycle = replay_steps(steps, 4096, 3 * 4096, "cycle", 1)
     assert cycle.hits + cycle.misses == 4000 * 2
     assert cycle.misses >= replay_steps(steps, 4096, 3 * 4096, "belady", 1).misses
+
+
+def test_profile_cli_on_the_demo_model(tmp_path):
+    from expertpager.model.demo import demo_model_path
+
+    text = (Path(__file__).parent / "data" / "heldout_prose.txt").read_text()[:1500]
+    (tmp_path / "prose.txt").write_text(text)
+    out = CliRunner().invoke(app, ["profile", str(demo_model_path()), "--input", str(tmp_path / "prose.txt"),
+                                   "--name", "prose", "--out", str(tmp_path / "profiles"), "--json"])
+    assert out.exit_code == 0, out.output
+    info = json.loads(out.stdout)
+    p = load_profile(info["profile"])
+    assert p.name == "prose" and p.tokens == info["tokens"] > 100 and p.counts.shape == (8, 64)
+    assert p.counts.sum() == p.tokens * 8 * 8
+    assert Path(info["heatmap"]).read_bytes()[:4] == PNG
