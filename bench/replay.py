@@ -26,7 +26,7 @@ from expertpager.pager import SliceCache
 from expertpager.runtime.paged_experts import slice_tensors
 from expertpager.tools.simulate import simulate, trace_steps
 from expertpager.tools.speculation import trace_speculation
-from expertpager.tools.synthetic import skewed_trace
+from expertpager.tools.skewed_routing import skewed_trace
 from expertpager.tools.trace import load_trace
 
 MB = 10**6

@@ -16,7 +16,7 @@ from expertpager.runtime.profiles import load_profile, save_profile
 from expertpager.tools.profile import build_profile, compare, heatmap
 from expertpager.tools.simulate import simulate, trace_steps
 from expertpager.tools.speculation import recall_precision, speculation
-from expertpager.tools.synthetic import skewed_trace
+from expertpager.tools.skewed_routing import skewed_trace
 from expertpager.tools.trace import record_trace, save_trace
 from tiny_models import save_tiny
 
