@@ -84,3 +84,23 @@ def test_gguf_bad_input(tiny, tmp_path):
     reader.data.flush()
     with pytest.raises(ExpertPagerError, match="has shape .* but the metadata gives"):
         load(path)
+
+
+def test_tokenizer_round_trip(tmp_path):
+    """A byte-level BPE tokenizer is exported into the GGUF; transformers rebuilds one that encodes the same ids."""
+    import pydoc_data.topics
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from expertpager.runner import load_tokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(list(pydoc_data.topics.topics.values())[:50], vocab_size=300, min_frequency=2,
+                            special_tokens=["<|endoftext|>"])
+    folder = save_tiny("qwen3_moe", tmp_path / "tok", vocab_size=300, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>").save_pretrained(folder)
+    path = export_gguf(folder, tmp_path / "tok.gguf", progress=False)
+    theirs, ours = AutoTokenizer.from_pretrained(folder), load_tokenizer(str(path))
+    text = "def fibonacci(n):\n    return n if n < 2 else 42  # héllo <|endoftext|>"
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    assert ours.decode(ours(text)["input_ids"]) == text

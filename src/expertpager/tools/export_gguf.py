@@ -121,7 +121,7 @@ def _metadata(w: gguf.GGUFWriter, layout: Layout, arch: Arch, qtype: str) -> Non
     if rope is not None:
         w.add_rope_freq_base(float(rope))
     w.add_vocab_size(config.vocab_size)
-    if not add_tokenizer(w, Path(layout.path), config.vocab_size, arch.model_type):
+    if not add_tokenizer(w, Path(layout.path), config.vocab_size):
         for key, hf_key in GGUF_TOKEN_KEYS.items():
             if isinstance(getattr(config, hf_key, None), int):
                 w.add_uint32(key, getattr(config, hf_key))

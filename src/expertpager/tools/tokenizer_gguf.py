@@ -1,20 +1,34 @@
 """A checkpoint's byte-level BPE tokenizer (tokenizer.json) written into GGUF metadata as convert_hf_to_gguf.py
-writes a "gpt2" vocabulary. SentencePiece tokenizers (tokenizer.model, e.g. Mixtral) are not exported yet."""
+writes a "gpt2" vocabulary. SentencePiece tokenizers (tokenizer.model, e.g. Mixtral) and
+byte-level BPEs whose split regex transformers' GGUF reader does not know are not exported yet."""
 
+import json
 from pathlib import Path
 
 import gguf
 
-PRE_TOKENIZERS = {"qwen3_moe": "qwen2", "qwen2_moe": "qwen2"}
-"""tokenizer.ggml.pre by model_type; convert_hf_to_gguf.py picks it by hashing the tokenizer's output."""
+
+def pre_tokenizer_name(spec: dict | None) -> str | None:
+    """tokenizer.ggml.pre for a tokenizer.json pre_tokenizer: "default" for plain byte-level (GPT-2 regex), the
+    name transformers' GGUF reader maps to the same split regex, or None when no name gives that regex.
+    (convert_hf_to_gguf.py picks the name by hashing the tokenizer's output on a test text.)"""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    regexes = [p["pattern"]["Regex"] for p in (spec or {}).get("pretokenizers", [spec or {}])
+               if p.get("type") == "Split" and "Regex" in p.get("pattern", {})]
+    if not regexes:
+        return "default" if (spec or {}).get("type") == "ByteLevel" else None
+    return next((name for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items() if regex == regexes[0]), None)
 
 
-def add_tokenizer(w: gguf.GGUFWriter, folder: Path, vocab_size: int, model_type: str) -> bool:
+def add_tokenizer(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> bool:
     """Add the tokenizer in `folder` to `w`; False when there is none this can export."""
-    import json
-
     path = folder / "tokenizer.json"
-    if not path.exists() or json.loads(path.read_text()).get("model", {}).get("type") != "BPE":
+    if not path.exists():
+        return False
+    spec = json.loads(path.read_text())
+    pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
+    if spec.get("model", {}).get("type") != "BPE" or pre is None:
         return False
     from transformers import AutoTokenizer
 
@@ -33,7 +47,7 @@ def add_tokenizer(w: gguf.GGUFWriter, folder: Path, vocab_size: int, model_type:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(PRE_TOKENIZERS.get(model_type, "default"))
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
