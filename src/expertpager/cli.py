@@ -202,3 +202,16 @@ def export(
 
     path = export_gguf(model, out, out_type)
     console.print(f"wrote {path}")
+
+
+@app.command()
+def repack(
+    model: str = typer.Argument(..., help="A checkpoint: safetensors folder, .gguf file, or repacked folder."),
+    outdir: str = typer.Argument(..., help="The folder to write (must not exist)."),
+    files: str = typer.Option("single", "--files", help="Expert files: single, per-layer, or per-slice."),
+) -> None:
+    """Rewrite a checkpoint so every expert slice is one aligned, checksummed read."""
+    from .tools.repack import repack as repack_checkpoint
+
+    path = repack_checkpoint(model, outdir, files)
+    console.print(f"wrote {path}")

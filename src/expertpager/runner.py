@@ -24,6 +24,8 @@ def peak_rss_bytes() -> int:
 def load_tokenizer(path: str):
     """The checkpoint's tokenizer (for a .gguf, built from its metadata), or None when it has none."""
     p = Path(path)
+    if (p / "resident.gguf").exists():  # a folder repacked from a GGUF keeps its metadata there
+        p = p / "resident.gguf"
     if p.suffix == ".gguf":
         folder, kwargs = p.parent, {"gguf_file": p.name}
     elif any((p / name).exists() for name in TOKENIZER_FILES):
