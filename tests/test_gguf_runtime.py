@@ -104,3 +104,19 @@ def test_tokenizer_round_trip(tmp_path):
     text = "def fibonacci(n):\n    return n if n < 2 else 42  # héllo <|endoftext|>"
     assert ours(text)["input_ids"] == theirs(text)["input_ids"]
     assert ours.decode(ours(text)["input_ids"]) == text
+
+
+def test_unsupported_expert_type_and_wrong_sizes_are_named(tmp_path):
+    from dataclasses import replace
+
+    from expertpager.runtime.gguf_model import check_slices
+
+    layout = read_layout(write_tiny_gguf(tmp_path / "m.gguf", "llama"))
+    key = (1, 2)
+    s = layout.slices[key]
+    layout.slices[key] = replace(s, parts=(replace(s.parts[0], dtype="IQ2_XXS"), *s.parts[1:]))
+    with pytest.raises(ExpertPagerError, match=r"expert slice \(1, 2\) part .*unsupported quantization type 'IQ2_XXS'"):
+        check_slices(layout)
+    layout.slices[key] = replace(s, parts=(replace(s.parts[0], length=s.parts[0].length - 2), *s.parts[1:]))
+    with pytest.raises(ExpertPagerError, match=r"expert slice \(1, 2\) part .* has \d+ bytes, but a"):
+        check_slices(layout)

@@ -12,7 +12,7 @@ from transformers.initialization import no_init_weights
 from ..errors import ExpertPagerError
 from ..model.gguf_config import gguf_arch, hf_config_dict
 from ..model.layout import Layout, ResidentTensor
-from .dequant import dequantize
+from .dequant import dequantize, quant_nbytes
 
 FILE_TYPE_DTYPES = {gguf.LlamaFileType.ALL_F32: torch.float32, gguf.LlamaFileType.MOSTLY_F16: torch.float16,
                     gguf.LlamaFileType.MOSTLY_BF16: torch.bfloat16}
@@ -60,9 +60,23 @@ def read_tensor(t: ResidentTensor) -> torch.Tensor:
     return dequantize(torch.from_numpy(raw), t.dtype, t.shape)
 
 
+def check_slices(layout: Layout) -> None:
+    """Every expert part has a type this runtime dequantizes and exactly the bytes its shape needs in that type."""
+    for s in layout.slices.values():
+        for p in s.parts:
+            try:
+                need = quant_nbytes(p.dtype, p.shape)
+            except ExpertPagerError as e:
+                raise ExpertPagerError(f"{p.file}: expert slice {s.key} part {p.role!r}: {e}") from None
+            if need != p.length:
+                raise ExpertPagerError(f"{p.file}: expert slice {s.key} part {p.role!r} has {p.length} bytes, but a "
+                                       f"{p.dtype} tensor of shape {list(p.shape)} has {need}")
+
+
 def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: torch.dtype | str = "auto") -> PreTrainedModel:
     """`model_class` (a paged transformers class) built from the GGUF's metadata with its resident weights loaded."""
     arch = gguf_arch(layout)
+    check_slices(layout)
     kwargs = hf_config_dict(layout)
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     compute = gguf_dtype(layout, dtype)
