@@ -95,3 +95,36 @@ def test_manifest_that_disagrees_with_its_files(sources, tmp_path):
         repack(sources["gguf"], out, progress=False)
     with pytest.raises(ExpertPagerError, match="unknown --files"):
         repack(sources["gguf"], tmp_path / "x", "per-tensor", progress=False)
+
+
+def test_cli_export_and_repack(sources, tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "expertpager", *map(str, args)], capture_output=True, text=True)
+
+    out = cli("export", sources["safetensors"], tmp_path / "m.gguf", "--type", "q4_0")
+    assert out.returncode == 0 and (tmp_path / "m.gguf").exists()
+    out = cli("repack", tmp_path / "m.gguf", tmp_path / "r", "--files", "per-layer")
+    assert out.returncode == 0 and (tmp_path / "r" / "expertpager.json").exists()
+    out = cli("repack", tmp_path / "m.gguf", tmp_path / "r")
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and "already exists" in out.stderr
+    out = cli("export", sources["safetensors"], tmp_path / "x.gguf", "--type", "q2_k")
+    assert out.returncode == 2 and "unknown export type 'q2_k'" in out.stderr and not (tmp_path / "x.gguf").exists()
+
+
+def test_interrupted_export_and_repack_leave_nothing(sources, tmp_path, monkeypatch):
+    from expertpager.tools import export_gguf as export_module
+    from expertpager.tools import repack as repack_module
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "_encode", interrupted)
+    monkeypatch.setattr(repack_module, "slice_digest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(sources["safetensors"], tmp_path / "m.gguf", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        repack(sources["gguf"], tmp_path / "r", progress=False)
+    assert list(tmp_path.iterdir()) == []
