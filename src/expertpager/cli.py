@@ -189,3 +189,29 @@ def main() -> None:
     except ExpertPagerError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="An HF safetensors MoE checkpoint (folder or cached org/name)."),
+    out: str = typer.Argument(..., help="The .gguf file to write."),
+    out_type: str = typer.Option("f32", "--type", help="Weight type: f32, f16, bf16, q8_0, q4_0 (norms and routers stay f32)."),
+) -> None:
+    """Write a checkpoint as a standard GGUF (llama.cpp's tensor names and metadata)."""
+    from .tools.export_gguf import export_gguf
+
+    path = export_gguf(model, out, out_type)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def repack(
+    model: str = typer.Argument(..., help="A checkpoint: safetensors folder, .gguf file, or repacked folder."),
+    outdir: str = typer.Argument(..., help="The folder to write (must not exist)."),
+    files: str = typer.Option("single", "--files", help="Expert files: single, per-layer, or per-slice."),
+) -> None:
+    """Rewrite a checkpoint so every expert slice is one aligned, checksummed read."""
+    from .tools.repack import repack as repack_checkpoint
+
+    path = repack_checkpoint(model, outdir, files)
+    console.print(f"wrote {path}")

@@ -8,9 +8,10 @@ from .pool import plan_slots
 from .reads import ReadPlan, plan_reads
 from .replay import ReplayResult, replay
 from .stats import Counts, StatsSnapshot
+from .verify import checksum_verifier
 
 __all__ = [
     "SliceCache", "SliceBuffer", "PinnedSlices", "IO_MODES",
     "Policy", "LRU", "LFU", "LayerCycle", "Belady", "POLICIES", "make_policy",
-    "plan_slots", "plan_reads", "ReadPlan", "replay", "ReplayResult", "Counts", "StatsSnapshot",
+    "plan_slots", "plan_reads", "ReadPlan", "replay", "ReplayResult", "Counts", "StatsSnapshot", "checksum_verifier",
 ]

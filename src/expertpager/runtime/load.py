@@ -8,11 +8,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..errors import ExpertPagerError
+from ..model.gguf_config import gguf_arch
 from ..model.layout import Layout
 from ..model.plan import MemoryPlan, plan_cache, plan_memory
 from ..model.read_layout import read_layout
-from ..pager import SliceCache, plan_reads
+from ..pager import SliceCache, checksum_verifier, plan_reads
 from ..sizes import parse_size
+from .gguf_model import build_gguf_model
 from .paged_experts import PagedExperts
 
 EXPERTS_MODULE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts$")
@@ -73,16 +75,19 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
     directly, bytes or a percentage of all expert bytes ('25%'); neither: every slice fits."""
     layout = read_layout(model_ref)
-    if layout.format != "safetensors":
-        raise ExpertPagerError(f"{layout.path}: running {layout.format} checkpoints is not supported yet")
     plan = cache_budget(layout, max_memory, cache)
-    config = AutoConfig.from_pretrained(layout.path)
-    base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    model = paged_class(base).from_pretrained(layout.path, config=config, dtype=dtype,
-                                               experts_implementation="grouped_mm")
+    if layout.weights_format == "gguf":
+        config = AutoConfig.for_model(gguf_arch(layout).model_type)
+        model = build_gguf_model(layout, paged_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]), dtype)
+    else:
+        config = AutoConfig.from_pretrained(layout.path)
+        base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        model = paged_class(base).from_pretrained(layout.path, config=config, dtype=dtype,
+                                                   experts_implementation="grouped_mm")
     model.eval()
+    verify = checksum_verifier(layout.slices, layout.checksums) if layout.checksums else None
     pager = SliceCache(layout.slices, plan.cache_bytes, policy=policy, io=io, threads=threads,
-                       min_pinned=layout.experts_per_token)
+                       min_pinned=layout.experts_per_token, verify=verify)
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     for module in model.modules():
         if isinstance(module, PagedExperts):

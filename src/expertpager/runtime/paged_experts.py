@@ -7,26 +7,36 @@ from torch import nn
 from transformers.integrations.moe import _grouped_linear
 
 from ..model.layout import ExpertSlice
+from .dequant import dequantize
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def slice_tensors(s: ExpertSlice, views: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Torch tensors over a pinned slice's bytes (zero-copy when the stored dtype is the compute dtype).
+def _weights(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A part's bytes as a tensor: a zero-copy view for float types, dequantized to float32 for GGML block types."""
+    if dtype in TORCH_DTYPES:
+        return torch.from_numpy(raw).view(TORCH_DTYPES[dtype]).view(shape)
+    return dequantize(torch.from_numpy(raw), dtype, shape)
 
-    gate and up are fused into gate_up as transformers does at load: a view when they are adjacent in the slot,
-    else a concatenation."""
+
+def slice_tensors(s: ExpertSlice, views: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Torch tensors over a pinned slice's bytes (zero-copy when the stored dtype is the compute dtype; quantized
+    blocks are dequantized here, on every use).
+
+    gate and up are fused into gate_up as transformers does at load: one tensor over both when they are adjacent
+    in the slot with the same type, else a concatenation."""
+    parts = {p.role: p for p in s.parts}
     out = {}
-    for p in s.parts:
-        out[p.role] = torch.from_numpy(views[p.role]).view(TORCH_DTYPES[p.dtype]).view(p.shape)
-    if "gate" in out:
-        gate, up = views["gate"], views["up"]
-        if up.ctypes.data == gate.ctypes.data + gate.nbytes:
-            both = np.lib.stride_tricks.as_strided(gate, shape=(gate.nbytes + up.nbytes,), strides=(1,))
-            fused = torch.from_numpy(both).view(out["gate"].dtype).view(-1, out["gate"].shape[-1])
+    if "gate" in parts:
+        gate, up = parts.pop("gate"), parts.pop("up")
+        a, b = views["gate"], views["up"]
+        if b.ctypes.data == a.ctypes.data + a.nbytes and gate.dtype == up.dtype:
+            both = np.lib.stride_tricks.as_strided(a, shape=(a.nbytes + b.nbytes,), strides=(1,))
+            out["gate_up"] = _weights(both, gate.dtype, (gate.shape[0] + up.shape[0], *gate.shape[1:]))
         else:
-            fused = torch.cat([out["gate"], out["up"]])
-        out = {"gate_up": fused, **{k: v for k, v in out.items() if k not in ("gate", "up")}}
+            out["gate_up"] = torch.cat([_weights(a, gate.dtype, gate.shape), _weights(b, up.dtype, up.shape)])
+    for role, p in parts.items():
+        out[role] = _weights(views[role], p.dtype, p.shape)
     return {k: v if v.dtype == dtype else v.to(dtype) for k, v in out.items()}
 
 
