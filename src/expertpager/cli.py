@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -180,6 +181,72 @@ def _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed) 
         result = run_once(m, ids, max_new_tokens, temperature, seed, tokenizer, _streamer(tokenizer))
         console.print()
         messages.append({"role": "assistant", "content": result.text or ""})
+
+
+def _model_and_ids(model: str | None, input_file: Path | None, prompt: str | None, cache: str | None):
+    """The model (resident, or paged when a cache is given) and the text's token ids."""
+    import torch
+
+    from .model.demo import demo_model_path
+    from .model.read_layout import read_layout
+    from .runner import load_tokenizer, open_model
+
+    ref = model or str(demo_model_path())
+    if (input_file is None) == (prompt is None):
+        raise ExpertPagerError("give exactly one of --input FILE or --prompt TEXT")
+    if input_file is not None:
+        try:
+            prompt = input_file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ExpertPagerError(f"{input_file}: cannot read text ({e})") from None
+    tokenizer = load_tokenizer(read_layout(ref).path)
+    if tokenizer is None:
+        raise ExpertPagerError(f"{ref}: this checkpoint has no tokenizer")
+    ids = torch.tensor(tokenizer(prompt)["input_ids"])
+    if ids.numel() < 2:
+        raise ExpertPagerError("the text must be at least two tokens long")
+    return open_model(ref, resident=cache is None, cache=cache), ids
+
+
+@app.command()
+def trace(
+    model: str = typer.Argument(None, help="Model folder, .gguf or cached org/name; default: the bundled demo MoE."),
+    input_file: Path = typer.Option(None, "--input", "-i", help="A text file to run through the model."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Text to run through the model."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the trace (.npz; format in expertpager/tools/trace.py)."),
+    domain: str = typer.Option("", "--domain", help="A label stored in the trace, e.g. code or prose."),
+    window: int = typer.Option(256, "--window", min=2, help="Tokens per independent window."),
+    cache: str = typer.Option(None, "--cache", help="Run paged with this expert cache (default: fully resident)."),
+) -> None:
+    """Record, per token and per MoE layer, the top-k experts the router chose and their weights."""
+    from .tools.trace import record_trace, save_trace
+
+    m, ids = _model_and_ids(model, input_file, prompt, cache)
+    t = record_trace(m, ids, chunk=window, domain=domain, source=str(input_file or "prompt"))
+    tmp = out.with_name(f".{out.name}.partial")
+    save_trace(t, tmp)
+    tmp.replace(out)
+    console.print(f"{t.num_tokens} tokens x {len(t.layers)} MoE layers x top-{t.top_k} -> {out}")
+
+
+@app.command(name="eval")
+def evaluate(
+    model: str = typer.Argument(None, help="Model folder, .gguf or cached org/name; default: the bundled demo MoE."),
+    input_file: Path = typer.Option(None, "--input", "-i", help="A text file to score."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Text to score."),
+    window: int = typer.Option(256, "--window", min=2, help="Tokens per independent window."),
+    cache: str = typer.Option(None, "--cache", help="Run paged with this expert cache (default: fully resident)."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Next-token loss and perplexity of a text (held-out evaluation)."""
+    from .tools.evaluate import evaluate_loss
+
+    m, ids = _model_and_ids(model, input_file, prompt, cache)
+    loss, ppl, n = evaluate_loss(m, ids, window)
+    if json_out:
+        print(json.dumps({"loss": loss, "perplexity": ppl, "tokens": n}))
+    else:
+        console.print(f"loss {loss:.4f} nats, perplexity {ppl:.2f}, over {n} predicted tokens")
 
 
 def main() -> None:
