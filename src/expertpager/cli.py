@@ -75,7 +75,7 @@ def _prompt_ids(tokenizer, prompt: str | None, prompt_ids: str | None) -> list[i
     return tokenizer(prompt if prompt is not None else DEFAULT_PROMPT)["input_ids"]
 
 
-DEFAULT_PROMPT = "def fibonacci(n):"
+DEFAULT_PROMPT = "The for statement is used to"
 STAT_ROWS = (("prefill tokens/s", "prefill_tokens_per_s", "{:.1f}"), ("decode tokens/s", "decode_tokens_per_s", "{:.1f}"),
              ("hit rate", "hit_rate", "{:.1%}"), ("prefetch hit rate", "prefetch_hit_rate", "{:.1%}"),
              ("bytes read from disk", "bytes_read", "size"), ("stall time", "stall_seconds", "{:.3f} s"),
