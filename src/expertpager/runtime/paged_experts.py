@@ -77,19 +77,20 @@ class PagedExperts(nn.Module):
         proj = None
         for i, chunk in enumerate(chunks):
             with self._pinned(chunk, chunks[i + 1] if i + 1 < len(chunks) else None) as pinned:
+                weights = self._weights(chunk, pinned)
                 for e in chunk:
-                    up = self._project(selected[rows[e]], pinned[(self.layer, e)], "gate_up")
+                    up = self._project(selected[rows[e]], weights[e], "gate_up")
                     proj = up.new_empty(selected.shape[0], up.shape[-1]) if proj is None else proj
                     proj[rows[e]] = up
                 if len(chunks) == 1:  # the usual case (always in decode): one pin for both projections
-                    out = self._down(self._template._apply_gate(proj), chunk, pinned, rows, None)
+                    out = self._down(self._template._apply_gate(proj), chunk, weights, rows, None)
         if len(chunks) > 1:
             gated = self._template._apply_gate(proj)
             out = None
             for i, chunk in enumerate(reversed(chunks)):  # newest slices first: they are the ones still cached
                 following = chunks[-i - 2] if i + 2 <= len(chunks) else None
                 with self._pinned(chunk, following) as pinned:
-                    out = self._down(gated, chunk, pinned, rows, out)
+                    out = self._down(gated, chunk, self._weights(chunk, pinned), rows, out)
         weighted = out * sample_weights_g.unsqueeze(-1)
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.size(0))
@@ -102,15 +103,18 @@ class PagedExperts(nn.Module):
             self.cache.prefetch([(self.layer, e) for e in following])
         return pinned
 
-    def _down(self, gated: torch.Tensor, chunk: list[int], pinned, rows: dict, out: torch.Tensor | None) -> torch.Tensor:
+    def _weights(self, chunk: list[int], pinned) -> dict[int, dict[str, torch.Tensor]]:
+        """The tensors of each pinned expert, built once per pin."""
+        return {e: slice_tensors(self.slices[e], pinned[(self.layer, e)].views, self.dtype) for e in chunk}
+
+    def _down(self, gated: torch.Tensor, chunk: list[int], weights: dict, rows: dict, out: torch.Tensor | None) -> torch.Tensor:
         for e in chunk:
-            down = self._project(gated[rows[e]], pinned[(self.layer, e)], "down")
+            down = self._project(gated[rows[e]], weights[e], "down")
             out = down.new_empty(gated.shape[0], down.shape[-1]) if out is None else out
             out[rows[e]] = down
         return out
 
-    def _project(self, x: torch.Tensor, buf, which: str) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, w: dict[str, torch.Tensor], which: str) -> torch.Tensor:
         """x through one expert's gate_up or down matrix (plus bias), with transformers' grouped_mm kernel."""
-        w = slice_tensors(self.slices[buf.key[1]], buf.views, self.dtype)
         offs = torch.tensor([x.shape[0]], dtype=torch.int32)
         return _grouped_linear(x, w[which].unsqueeze(0), offs, bias=w.get(which + "_bias"), is_transposed=self.is_transposed)
