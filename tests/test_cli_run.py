@@ -48,3 +48,14 @@ def test_errors_exit_2(tiny, args, message):
 
     out = subprocess.run([sys.executable, "-m", "expertpager", "run", str(tiny), *args], capture_output=True, text=True)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_expert_cache_tiers_give_the_same_tokens(tmp_path):
+    from tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "m.gguf", "llama")
+    runs = {tier: invoke(path, "--prompt-ids", "5,6,7,8", "-n", "6", "--cache", "60%", "--expert-cache", tier, "--json")
+            for tier in ("raw", "dequantized")}
+    assert all(r.exit_code == 0 for r in runs.values()), [r.output for r in runs.values()]
+    tokens = {tier: json.loads(r.stdout)["tokens"] for tier, r in runs.items()}
+    assert tokens["raw"] == tokens["dequantized"] and len(tokens["raw"]) == 6

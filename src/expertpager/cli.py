@@ -110,6 +110,8 @@ def run(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
     seed: int = typer.Option(0, "--seed"),
     io: str = typer.Option("auto", "--io", help="Page-in I/O: auto, direct (O_DIRECT), buffered+dontneed, buffered."),
+    expert_cache: str = typer.Option("dequantized", "--expert-cache",
+                                     help="What the cache holds for quantized slices: dequantized (decoded once at page-in) or raw (decoded on every use)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: tokens, text, stats."),
 ) -> None:
     """Generate text with expert slices paged from disk under a memory budget (greedy by default)."""
@@ -119,7 +121,7 @@ def run(
 
     ref = model or str(demo_model_path())
     tokenizer = load_tokenizer(read_layout(ref).path)
-    options = dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io)
+    options = dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io, expert_cache=expert_cache)
     if chat:
         _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed)
         return

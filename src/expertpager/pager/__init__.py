@@ -2,6 +2,7 @@
 transformers; depends only on the layout records."""
 
 from .cache import PinnedSlices, SliceBuffer, SliceCache
+from .decode import Decoder
 from .io import MODES as IO_MODES
 from .policies import LFU, LRU, POLICIES, Belady, LayerCycle, Policy, make_policy
 from .pool import plan_slots
@@ -11,7 +12,7 @@ from .stats import Counts, StatsSnapshot
 from .verify import checksum_verifier
 
 __all__ = [
-    "SliceCache", "SliceBuffer", "PinnedSlices", "IO_MODES",
+    "SliceCache", "SliceBuffer", "PinnedSlices", "Decoder", "IO_MODES",
     "Policy", "LRU", "LFU", "LayerCycle", "Belady", "POLICIES", "make_policy",
     "plan_slots", "plan_reads", "ReadPlan", "replay", "ReplayResult", "Counts", "StatsSnapshot", "checksum_verifier",
 ]

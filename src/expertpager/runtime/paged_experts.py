@@ -1,15 +1,21 @@
 """An experts module that owns no expert weights: it pins the routed slices from the pager and computes exactly
 what transformers' default `grouped_mm` experts forward computes, one expert group at a time."""
 
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch import nn
 from transformers.integrations.moe import _grouped_linear
 
-from ..model.layout import ExpertSlice
+from ..model.layout import ExpertSlice, SliceKey
+from ..pager import Decoder
 from .dequant import dequantize
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
 def _weights(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -19,9 +25,34 @@ def _weights(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tenso
     return dequantize(torch.from_numpy(raw), dtype, shape)
 
 
+def decoded_slice(s: ExpertSlice, dtype: torch.dtype) -> ExpertSlice:
+    """The slice as the dequantized tier holds it: every part in `dtype`, gate then up adjacent (so gate_up is one
+    view), offsets within the slot."""
+    first = [p for role in ("gate", "up") for p in s.parts if p.role == role]
+    parts, pos = [], 0
+    for p in first + [p for p in s.parts if p not in first]:
+        n = math.prod(p.shape) * dtype.itemsize
+        parts.append(replace(p, offset=pos, length=n, dtype=DTYPE_NAMES[dtype]))
+        pos += n
+    return replace(s, parts=tuple(parts))
+
+
+def dequantizer(slices: Mapping[SliceKey, ExpertSlice], dtype: torch.dtype) -> tuple[Decoder, dict[SliceKey, ExpertSlice]]:
+    """A pager decode step that dequantizes each part once at page-in to `dtype` (float32 first, then cast, exactly
+    as slice_tensors does on every use of a raw slice), and the slices as the cache then serves them."""
+    served = {k: decoded_slice(s, dtype) for k, s in slices.items()}
+
+    def decode(key: SliceKey, raw: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
+        for p in slices[key].parts:
+            torch.from_numpy(out[p.role]).view(dtype).view(p.shape).copy_(_weights(raw[p.role], p.dtype, p.shape))
+
+    views = {k: tuple((p.role, p.offset, p.length) for p in s.parts) for k, s in served.items()}
+    return Decoder(views, decode), served
+
+
 def slice_tensors(s: ExpertSlice, views: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Torch tensors over a pinned slice's bytes (zero-copy when the stored dtype is the compute dtype; quantized
-    blocks are dequantized here, on every use).
+    blocks of a raw-tier slice are dequantized here, on every use).
 
     gate and up are fused into gate_up as transformers does at load: one tensor over both when they are adjacent
     in the slot with the same type, else a concatenation."""
