@@ -10,7 +10,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from ..errors import ExpertPagerError
 from ..model.gguf_config import gguf_arch
 from ..model.layout import ExpertSlice, Layout, SliceKey
-from ..model.plan import MemoryPlan, plan_cache, plan_memory
+from ..model.plan import MemoryPlan, plan_cache, plan_memory, resident_in_memory
 from ..model.read_layout import read_layout
 from ..pager import Decoder, SliceCache, checksum_verifier, plan_reads
 from ..pager.decode import staging_bytes
@@ -19,6 +19,7 @@ from .gguf_model import build_gguf_model, gguf_dtype
 from .paged_experts import DTYPE_NAMES, PagedExperts, dequantizer
 
 EXPERT_CACHES = ("dequantized", "raw")
+DEFAULT_EXPERT_CACHE = EXPERT_CACHES[0]
 """What the cache holds for slices not stored in the compute dtype: the dequantized tensors (decoded once at
 page-in; a hit is a plain matmul) or the raw blocks (compact; decoded on every use). See bench/README.md."""
 
@@ -66,11 +67,11 @@ def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype) -> tuple[
     return dequantizer(layout.slices, dtype)
 
 
-def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
-                 decoder: Decoder | None = None, threads: int = 4) -> MemoryPlan:
+def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
+                decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None) -> MemoryPlan:
     """The cache size from `cache` (bytes or 'NN%' of all expert bytes as stored) or from the whole-process
     `max_memory`; everything fits when neither is given. Slots are sized as the cache holds slices (decoded when
-    `decoder` is given, plus its staging buffers for `threads` workers)."""
+    `decoder` is given, plus its staging buffers for `threads` workers); GGUF resident tensors count at `dtype`."""
     if max_memory is not None and cache is not None:
         raise ExpertPagerError("give either max_memory (the whole process) or cache (the expert cache), not both")
     raw = {k: plan_reads(s).slot_bytes for k, s in layout.slices.items()}
@@ -88,9 +89,18 @@ def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int 
             raise ExpertPagerError(f"cannot read cache size {text!r}: use bytes, a size such as 2GB, or a percentage such as 25%") from None
         plan = plan_cache(layout, size, slot, staging=staging)
     elif max_memory is not None:
-        plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging)
+        itemsize = dtype.itemsize if dtype is not None and layout.weights_format == "gguf" else None
+        plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging, resident=resident_in_memory(layout, itemsize))
     else:
         plan = plan_cache(layout, sum(needs) + staging, slot, staging=staging)
+    return plan
+
+
+def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
+                 decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None) -> MemoryPlan:
+    """plan_budget, with a clear error when the minimum cache does not fit."""
+    plan = plan_budget(layout, max_memory, cache, decoder, threads, dtype)
+    staging = plan.staging_bytes
     if not plan.fits:
         need = plan.min_cache_bytes + plan.resident_bytes + plan.reserve_bytes if max_memory is not None else plan.min_cache_bytes
         what = "max_memory" if max_memory is not None else "the cache"
@@ -103,7 +113,7 @@ def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int 
 
 def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str | int | None = None,
          policy: str = "lru", prefetch: bool = True, io: str = "auto", threads: int = 4,
-         dtype: torch.dtype | str = "auto", expert_cache: str = "dequantized") -> PreTrainedModel:
+         dtype: torch.dtype | str = "auto", expert_cache: str = DEFAULT_EXPERT_CACHE) -> PreTrainedModel:
     """A transformers causal LM for `model_ref` with paged experts; `model.pager` is its SliceCache.
 
     max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
@@ -112,7 +122,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     layout = read_layout(model_ref)
     dtype = compute_dtype(layout, dtype)
     decoder, served = expert_tier(layout, expert_cache, dtype)
-    plan = cache_budget(layout, max_memory, cache, decoder, threads)
+    plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype)
     if layout.weights_format == "gguf":
         config = AutoConfig.for_model(gguf_arch(layout).model_type)
         model = build_gguf_model(layout, paged_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]), dtype)
