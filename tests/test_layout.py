@@ -180,3 +180,36 @@ def test_inspect_json_keys(tmp_path):
     assert info["plan"]["cache_slices"] == info["num_slices"]
     text = CliRunner().invoke(app, ["inspect", str(folder), "--max-memory", "600MB"])
     assert text.exit_code == 0 and "does not fit" in text.output
+
+
+def test_gpt_oss_mxfp4_release_layout(tmp_path):
+    """gpt-oss as released: fused, transposed gate_up with biases, MXFP4 `_blocks` (16 bytes per 32 weights) and
+    `_scales` (one byte per 32 weights) per expert, stacked over experts."""
+    from safetensors.torch import save_file
+
+    from tiny_models import tiny_config
+
+    E, H, I = 4, 64, 32
+    config = tiny_config("gpt_oss", hidden_size=H, intermediate_size=I)
+    config.save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    u8 = lambda *s: torch.randint(0, 255, s, dtype=torch.uint8, generator=g)  # noqa: E731
+    tensors = {"model.embed_tokens.weight": torch.zeros(96, H, dtype=torch.bfloat16),
+               "lm_head.weight": torch.zeros(96, H, dtype=torch.bfloat16)}
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp."
+        tensors.update({
+            p + "router.weight": torch.zeros(E, H, dtype=torch.bfloat16),
+            p + "experts.gate_up_proj_blocks": u8(E, 2 * I, H // 32, 16), p + "experts.gate_up_proj_scales": u8(E, 2 * I, H // 32),
+            p + "experts.gate_up_proj_bias": torch.zeros(E, 2 * I, dtype=torch.bfloat16),
+            p + "experts.down_proj_blocks": u8(E, H, I // 32, 16), p + "experts.down_proj_scales": u8(E, H, I // 32),
+            p + "experts.down_proj_bias": torch.zeros(E, H, dtype=torch.bfloat16)})
+    save_file(tensors, tmp_path / "model.safetensors")
+    layout = read_layout(tmp_path)
+    s = layout.slices[(1, 2)]
+    roles = {p.role: p for p in s.parts}
+    assert set(roles) == {"gate_up_blocks", "gate_up_scales", "gate_up_bias", "down_blocks", "down_scales", "down_bias"}
+    assert roles["gate_up_blocks"].shape == (2 * I, H // 32, 16) and roles["down_scales"].length == H * I // 32
+    assert s.nbytes == (2 * I * H + H * I) * 17 // 32 + (2 * I + H) * 2
+    blocks = tensors["model.layers.1.mlp.experts.gate_up_proj_blocks"][2]
+    assert read_part(roles["gate_up_blocks"]) == blocks.numpy().tobytes()

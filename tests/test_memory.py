@@ -8,15 +8,15 @@ import sys
 
 import pytest
 
-from big_model import write_big_moe
 from expertpager.model.plan import reserve_bytes
 from expertpager.model.read_layout import read_layout
+from expertpager.tools.synthetic import write_synthetic_moe
 from test_layout import drop_pages, resident_pages
 
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    return write_big_moe(tmp_path_factory.mktemp("big") / "moe")
+    return write_synthetic_moe(tmp_path_factory.mktemp("big") / "moe")
 
 
 def test_peak_rss_within_promise_and_no_page_cache_copy(big):

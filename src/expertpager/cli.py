@@ -75,7 +75,7 @@ def _prompt_ids(tokenizer, prompt: str | None, prompt_ids: str | None) -> list[i
     return tokenizer(prompt if prompt is not None else DEFAULT_PROMPT)["input_ids"]
 
 
-DEFAULT_PROMPT = "def fibonacci(n):"
+DEFAULT_PROMPT = "The for statement is used to"
 STAT_ROWS = (("prefill tokens/s", "prefill_tokens_per_s", "{:.1f}"), ("decode tokens/s", "decode_tokens_per_s", "{:.1f}"),
              ("hit rate", "hit_rate", "{:.1%}"), ("prefetch hit rate", "prefetch_hit_rate", "{:.1%}"),
              ("bytes read from disk", "bytes_read", "size"), ("stall time", "stall_seconds", "{:.3f} s"),
@@ -112,6 +112,8 @@ def run(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
     seed: int = typer.Option(0, "--seed"),
     io: str = typer.Option("auto", "--io", help="Page-in I/O: auto, direct (O_DIRECT), buffered+dontneed, buffered."),
+    expert_cache: str = typer.Option("dequantized", "--expert-cache",
+                                     help="What the cache holds for quantized slices: dequantized (decoded once at page-in) or raw (decoded on every use)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: tokens, text, stats."),
 ) -> None:
     """Generate text with expert slices paged from disk under a memory budget (greedy by default)."""
@@ -121,7 +123,7 @@ def run(
 
     ref = model or str(demo_model_path())
     tokenizer = load_tokenizer(read_layout(ref).path)
-    options = dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io,
+    options = dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io, expert_cache=expert_cache,
                    predictors=predictor, profiles=profiles)
     if chat:
         _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed)
@@ -295,6 +297,70 @@ def profile(
         print(json.dumps(info))
         return
     console.print(f"profile [bold]{name}[/bold]: {p.tokens} tokens -> {path}, heatmap {png}")
+def _model_and_ids(model: str | None, input_file: Path | None, prompt: str | None, cache: str | None):
+    """The model (resident, or paged when a cache is given) and the text's token ids."""
+    import torch
+
+    from .model.demo import demo_model_path
+    from .model.read_layout import read_layout
+    from .runner import load_tokenizer, open_model
+
+    ref = model or str(demo_model_path())
+    if (input_file is None) == (prompt is None):
+        raise ExpertPagerError("give exactly one of --input FILE or --prompt TEXT")
+    if input_file is not None:
+        try:
+            prompt = input_file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ExpertPagerError(f"{input_file}: cannot read text ({e})") from None
+    tokenizer = load_tokenizer(read_layout(ref).path)
+    if tokenizer is None:
+        raise ExpertPagerError(f"{ref}: this checkpoint has no tokenizer")
+    ids = torch.tensor(tokenizer(prompt)["input_ids"])
+    if ids.numel() < 2:
+        raise ExpertPagerError("the text must be at least two tokens long")
+    return open_model(ref, resident=cache is None, cache=cache), ids
+
+
+@app.command()
+def trace(
+    model: str = typer.Argument(None, help="Model folder, .gguf or cached org/name; default: the bundled demo MoE."),
+    input_file: Path = typer.Option(None, "--input", "-i", help="A text file to run through the model."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Text to run through the model."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the trace (.npz; format in expertpager/tools/trace.py)."),
+    domain: str = typer.Option("", "--domain", help="A label stored in the trace, e.g. code or prose."),
+    window: int = typer.Option(256, "--window", min=2, help="Tokens per independent window."),
+    cache: str = typer.Option(None, "--cache", help="Run paged with this expert cache (default: fully resident)."),
+) -> None:
+    """Record, per token and per MoE layer, the top-k experts the router chose and their weights."""
+    from .tools.trace import record_trace, save_trace
+
+    m, ids = _model_and_ids(model, input_file, prompt, cache)
+    t = record_trace(m, ids, chunk=window, domain=domain, source=str(input_file or "prompt"))
+    tmp = out.with_name(f".{out.name}.partial")
+    save_trace(t, tmp)
+    tmp.replace(out)
+    console.print(f"{t.num_tokens} tokens x {len(t.layers)} MoE layers x top-{t.top_k} -> {out}")
+
+
+@app.command(name="eval")
+def evaluate(
+    model: str = typer.Argument(None, help="Model folder, .gguf or cached org/name; default: the bundled demo MoE."),
+    input_file: Path = typer.Option(None, "--input", "-i", help="A text file to score."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Text to score."),
+    window: int = typer.Option(256, "--window", min=2, help="Tokens per independent window."),
+    cache: str = typer.Option(None, "--cache", help="Run paged with this expert cache (default: fully resident)."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Next-token loss and perplexity of a text (held-out evaluation)."""
+    from .tools.evaluate import evaluate_loss
+
+    m, ids = _model_and_ids(model, input_file, prompt, cache)
+    loss, ppl, n = evaluate_loss(m, ids, window)
+    if json_out:
+        print(json.dumps({"loss": loss, "perplexity": ppl, "tokens": n}))
+    else:
+        console.print(f"loss {loss:.4f} nats, perplexity {ppl:.2f}, over {n} predicted tokens")
 
 
 def main() -> None:
@@ -304,3 +370,29 @@ def main() -> None:
     except ExpertPagerError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="An HF safetensors MoE checkpoint (folder or cached org/name)."),
+    out: str = typer.Argument(..., help="The .gguf file to write."),
+    out_type: str = typer.Option("f32", "--type", help="Weight type: f32, f16, bf16, q8_0, q4_0 (norms and routers stay f32)."),
+) -> None:
+    """Write a checkpoint as a standard GGUF (llama.cpp's tensor names and metadata)."""
+    from .tools.export_gguf import export_gguf
+
+    path = export_gguf(model, out, out_type)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def repack(
+    model: str = typer.Argument(..., help="A checkpoint: safetensors folder, .gguf file, or repacked folder."),
+    outdir: str = typer.Argument(..., help="The folder to write (must not exist)."),
+    files: str = typer.Option("single", "--files", help="Expert files: single, per-layer, or per-slice."),
+) -> None:
+    """Rewrite a checkpoint so every expert slice is one aligned, checksummed read."""
+    from .tools.repack import repack as repack_checkpoint
+
+    path = repack_checkpoint(model, outdir, files)
+    console.print(f"wrote {path}")

@@ -3,8 +3,6 @@
 from collections import Counter
 
 from .model.layout import Layout
-from .model.plan import plan_memory
-from .pager import plan_reads
 
 
 def describe(layout: Layout, max_memory: int | None = None) -> dict:
@@ -37,6 +35,9 @@ def describe(layout: Layout, max_memory: int | None = None) -> dict:
             for l in layout.moe_layers),
     }
     if max_memory is not None:
-        slot = max(plan_reads(s).slot_bytes for s in layout.slices.values())
-        out["plan"] = plan_memory(layout, max_memory, slot).to_dict()
+        from .runtime.load import DEFAULT_EXPERT_CACHE, compute_dtype, expert_tier, plan_budget
+
+        dtype = compute_dtype(layout, "auto")
+        decoder, _ = expert_tier(layout, DEFAULT_EXPERT_CACHE, dtype)
+        out["plan"] = plan_budget(layout, max_memory, None, decoder, dtype=dtype).to_dict()
     return out

@@ -22,17 +22,27 @@ def peak_rss_bytes() -> int:
 
 
 def load_tokenizer(path: str):
-    """The checkpoint's tokenizer, or None when it has none."""
-    if not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+    """The checkpoint's tokenizer (for a .gguf, built from its metadata), or None when it has none."""
+    p = Path(path)
+    if (p / "resident.gguf").exists():  # a folder repacked from a GGUF keeps its metadata there
+        p = p / "resident.gguf"
+    if p.suffix == ".gguf":
+        folder, kwargs = p.parent, {"gguf_file": p.name}
+    elif any((p / name).exists() for name in TOKENIZER_FILES):
+        folder, kwargs = p, {}
+    else:
         return None
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError):
         return None
 
 
 def load_resident(path: str) -> PreTrainedModel:
-    """The same checkpoint fully in memory through plain transformers."""
+    """The same checkpoint fully in memory through plain transformers (safetensors checkpoints only)."""
+    if Path(path).suffix == ".gguf":
+        raise ExpertPagerError(f"{path}: --resident and --compare need an HF safetensors checkpoint; "
+                               "a GGUF runs paged only (give --cache 100% to hold every slice)")
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 

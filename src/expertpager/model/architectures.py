@@ -4,7 +4,7 @@ One table for HF safetensors checkpoints and GGUF files; nothing here is a class
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -16,15 +16,24 @@ class Arch:
     shared_experts: bool = False
     expert_bias: bool = False  # gpt-oss: experts carry biases
     fused_transposed: bool = False  # gpt-oss: gate_up stored [H, 2I], interleaved gate/up columns
+    gguf_config: dict[str, str] = field(default_factory=dict)  # GGUF key after "<arch>." -> config key, beyond
+    # GGUF_CONFIG_KEYS; empty: running this arch from GGUF is not supported
+    gguf_defaults: dict = field(default_factory=dict)  # config values llama.cpp implies but does not store
+    permute_qk: bool = False  # llama.cpp's llama converter permutes q/k rows for its rope layout
 
 
 ARCHITECTURES: dict[str, Arch] = {
     a.model_type: a
     for a in (
-        Arch("qwen3_moe", "qwen3moe"),
-        Arch("qwen2_moe", "qwen2moe", shared_experts=True),
-        Arch("mixtral", "llama"),
-        Arch("olmoe", "olmoe"),
+        Arch("qwen3_moe", "qwen3moe", gguf_config={"expert_count": "num_experts",
+                                                   "expert_feed_forward_length": "moe_intermediate_size",
+                                                   "expert_weights_norm": "norm_topk_prob"},
+             gguf_defaults={"norm_topk_prob": True}),
+        Arch("qwen2_moe", "qwen2moe", shared_experts=True,
+             gguf_config={"expert_count": "num_experts", "expert_feed_forward_length": "moe_intermediate_size",
+                          "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
+        Arch("mixtral", "llama", gguf_config={"expert_count": "num_local_experts"}, permute_qk=True),
+        Arch("olmoe", "olmoe", gguf_config={"expert_count": "num_experts"}),
         Arch("deepseek_v2", "deepseek2", shared_experts=True),
         Arch("deepseek_v3", "deepseek2", shared_experts=True),
         Arch("gpt_oss", "gpt-oss", expert_bias=True, fused_transposed=True),
@@ -32,6 +41,18 @@ ARCHITECTURES: dict[str, Arch] = {
     )
 }
 GGUF_ARCHITECTURES = {"qwen3moe", "qwen2moe", "llama", "olmoe", "deepseek2", "gpt-oss", "granitemoe"}
+GGUF_RUNNABLE = {a.gguf_arch: a for a in ARCHITECTURES.values() if a.gguf_config}
+"""GGUF architectures the runtime can build a transformers model for (llama means Mixtral: llama with experts)."""
+
+# GGUF metadata key (after "<arch>.") -> transformers config key, for every runnable arch.
+GGUF_CONFIG_KEYS = {
+    "context_length": "max_position_embeddings", "block_count": "num_hidden_layers", "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size", "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads", "attention.key_length": "head_dim",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps", "expert_used_count": "num_experts_per_tok",
+}
+GGUF_TOKEN_KEYS = {"tokenizer.ggml.bos_token_id": "bos_token_id", "tokenizer.ggml.eos_token_id": "eos_token_id",
+                   "tokenizer.ggml.padding_token_id": "pad_token_id"}
 
 # Config keys, first present wins.
 NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")

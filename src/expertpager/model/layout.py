@@ -64,7 +64,7 @@ class ResidentTensor:
 class Layout:
     """A checkpoint's layout, built from headers only."""
 
-    format: str  # "safetensors" or "gguf"
+    format: str  # "safetensors", "gguf" or "repacked"
     architecture: str  # HF model_type, or the GGUF general.architecture
     path: str  # the folder or first .gguf file
     files: list[str]
@@ -75,6 +75,13 @@ class Layout:
     slices: dict[SliceKey, ExpertSlice]
     resident: list[ResidentTensor]
     config: dict = field(default_factory=dict)
+    source_format: str = ""  # repacked: the format its resident tensors and config keep ("gguf" or "safetensors")
+    checksums: dict[SliceKey, str] = field(default_factory=dict)  # repacked: SHA-256 of each slice's bytes
+
+    @property
+    def weights_format(self) -> str:
+        """How the config and resident tensors are stored: "gguf" or "safetensors"."""
+        return self.source_format or self.format
 
     @property
     def expert_bytes(self) -> int:

@@ -1,5 +1,6 @@
 """Memory plan: how a byte promise splits into resident weights, a reserve, and the expert cache."""
 
+import math
 from dataclasses import asdict, dataclass
 
 from .layout import Layout
@@ -18,10 +19,11 @@ class MemoryPlan:
     resident_bytes: int
     reserve_bytes: int
     cache_bytes: int  # what is left for expert slices; negative when the promise does not fit
-    slice_bytes: int  # one cache slot: the largest slice, widened for aligned reads
-    min_cache_bytes: int  # one layer's top-k slices pinned at once
+    slice_bytes: int  # one cache slot: the largest slice as the cache holds it, widened for aligned reads
+    min_cache_bytes: int  # one layer's top-k slices pinned at once, plus staging buffers
     cache_slices: int
     cache_fraction: float
+    staging_bytes: int = 0  # raw bytes in flight to a decode step (dequantized tier), inside cache_bytes
 
     @property
     def fits(self) -> bool:
@@ -56,17 +58,28 @@ def reserve_bytes(layout: Layout, context_tokens: int = DEFAULT_CONTEXT) -> int:
     return RUNTIME_OVERHEAD + kv + activations
 
 
+def resident_in_memory(layout: Layout, itemsize: int | None) -> int:
+    """Bytes the resident tensors take once loaded: as stored, or (for weights converted at load, e.g. GGUF blocks
+    dequantized) elements x the compute dtype's `itemsize`."""
+    if itemsize is None:
+        return layout.resident_bytes
+    return sum(math.prod(t.shape) * itemsize for t in layout.resident)
+
+
 def plan_memory(layout: Layout, max_memory: int, slot_bytes: int | None = None,
-                context_tokens: int = DEFAULT_CONTEXT) -> MemoryPlan:
+                context_tokens: int = DEFAULT_CONTEXT, staging: int = 0, resident: int | None = None) -> MemoryPlan:
     """Split `max_memory` (the whole process) into resident + reserve + cache of slots of `slot_bytes`."""
     reserve = reserve_bytes(layout, context_tokens)
-    return plan_cache(layout, max_memory - layout.resident_bytes - reserve, slot_bytes, max_memory, reserve)
+    resident = layout.resident_bytes if resident is None else resident
+    return plan_cache(layout, max_memory - resident - reserve, slot_bytes, max_memory, reserve, staging, resident)
 
 
 def plan_cache(layout: Layout, cache_bytes: int, slot_bytes: int | None = None, max_memory: int = 0,
-               reserve: int = 0) -> MemoryPlan:
-    """The plan for a cache of `cache_bytes` given directly; slots default to the largest slice."""
+               reserve: int = 0, staging: int = 0, resident: int | None = None) -> MemoryPlan:
+    """The plan for a cache of `cache_bytes` given directly; slots default to the largest slice; `staging` bytes
+    of the cache go to decode staging buffers."""
     slice_bytes = slot_bytes or layout.slice_bytes
-    slots = min(len(layout.slices), max(0, cache_bytes // slice_bytes))
-    return MemoryPlan(max_memory, layout.resident_bytes, reserve, cache_bytes, slice_bytes,
-                      layout.experts_per_token * slice_bytes, slots, min(1.0, slots / len(layout.slices)))
+    slots = min(len(layout.slices), max(0, (cache_bytes - staging) // slice_bytes))
+    return MemoryPlan(max_memory, layout.resident_bytes if resident is None else resident, reserve, cache_bytes, slice_bytes,
+                      layout.experts_per_token * slice_bytes + staging, slots, min(1.0, slots / len(layout.slices)),
+                      staging)

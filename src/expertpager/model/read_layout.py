@@ -6,13 +6,16 @@ from pathlib import Path
 from ..errors import ExpertPagerError
 from .architectures import ARCHITECTURES, GGUF_ARCHITECTURES, NUM_EXPERTS_KEYS, TOP_K_KEYS, match_expert, resident_category
 from .layout import ExpertSlice, Layout, ResidentTensor, TensorPart
+from .manifest import read_manifest
 from .refs import ResolvedModel, resolve
 from .tensors import TensorInfo, read_gguf_header, read_safetensors_header
 
 
 def read_layout(ref: str | Path) -> Layout:
-    """The layout of the checkpoint `ref` names (folder, .gguf, or cached repo id)."""
+    """The layout of the checkpoint `ref` names (folder, .gguf, repacked folder, or cached repo id)."""
     model = resolve(str(ref))
+    if model.format == "repacked":
+        return read_manifest(model.path)
     return _gguf_layout(model) if model.format == "gguf" else _safetensors_layout(model)
 
 

@@ -14,7 +14,7 @@ SPLIT_GGUF = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gg
 class ResolvedModel:
     """What a reference names on disk: an HF-layout folder, or a GGUF file list (several for a split GGUF)."""
 
-    format: str  # "safetensors" or "gguf"
+    format: str  # "safetensors", "gguf" or "repacked"
     path: Path  # the folder, or the first .gguf
     files: tuple[Path, ...]  # safetensors shards or gguf parts, in order
 
@@ -35,6 +35,8 @@ def _resolve_path(path: Path, quant: str | None = None, repo: str | None = None)
         if path.suffix != ".gguf":
             raise ExpertPagerError(f"{path}: not a model; give a folder with config.json and *.safetensors, or a .gguf file")
         return ResolvedModel("gguf", path, gguf_parts(path))
+    if (path / "expertpager.json").exists():
+        return ResolvedModel("repacked", path, (path / "expertpager.json",))
     ggufs = sorted(path.rglob("*.gguf"))
     if quant is not None or (ggufs and not (path / "config.json").exists()):
         return _pick_gguf(path, ggufs, quant, repo)

@@ -7,6 +7,7 @@ wait behind queued prefetches. Prefetches are queued keys that a worker starts o
 without touching pinned or loading slices.
 """
 
+import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -16,6 +17,7 @@ import numpy as np
 
 from ..errors import ExpertPagerError
 from ..model.layout import ExpertSlice, SliceKey
+from .decode import Decoder, staging_bytes
 from .io import Files
 from .policies import Policy, make_policy
 from .pool import SlotPool, plan_slots
@@ -89,7 +91,9 @@ class SliceCache:
     policy: "lru", "lfu", "cycle", or a Policy instance (Belady(trace) for replaying a known trace);
     io: "auto", "direct", "buffered+dontneed" or "buffered"; threads: prefetch workers; min_pinned: slots of the
     largest size the budget must hold; verify(key, views): called after each read, before the slice is served;
-    wait_timeout: seconds a pin waits for a slot to be released before giving up.
+    wait_timeout: seconds a pin waits for a slot to be released before giving up; decode: a Decoder whose output
+    the slots hold instead of the raw bytes (raw bytes go to staging buffers, counted in the budget, and are
+    verified there before decoding).
     """
 
     def __init__(
@@ -102,16 +106,27 @@ class SliceCache:
         min_pinned: int = 1,
         verify: Verify | None = None,
         wait_timeout: float = 60.0,
+        decode: Decoder | None = None,
     ):
         if not slices:
             raise ExpertPagerError("no expert slices to cache")
         self._slices = dict(slices)
         self._plans: dict[SliceKey, ReadPlan] = {k: plan_reads(s) for k, s in self._slices.items()}
         needs = {k: p.slot_bytes for k, p in self._plans.items()}
-        slot_sizes = plan_slots(list(needs.values()), budget, min_pinned)
+        stage_size, stages = 0, 0
+        if decode is not None:
+            stage_size, stages = staging_bytes(needs, threads)
+            needs = {k: decode.slot_bytes(k) for k in needs}
+        self.staging_bytes = stage_size * stages
+        slot_sizes = plan_slots(list(needs.values()), budget, min_pinned, self.staging_bytes)
         self._files = Files({r.file for p in self._plans.values() for r in p.runs}, io)
-        self._pool = SlotPool(slot_sizes)
+        self._pool = SlotPool(slot_sizes + [stage_size] * stages)
         self._slots = [_Slot(i, self._pool.slot(i), self._pool.offsets[i]) for i in range(len(slot_sizes))]
+        self._decode = decode
+        self._staging = [(self._pool.slot(i), self._pool.offsets[i]) for i in range(len(slot_sizes), len(self._pool.sizes))]
+        self._stages: queue.SimpleQueue[tuple[memoryview, int]] = queue.SimpleQueue()
+        for stage in self._staging:
+            self._stages.put(stage)
         self._book = Residency(needs, slot_sizes, make_policy(policy))
         self._touch = self._book.policy.touch
         self._stats = Stats(self._slices)
@@ -136,7 +151,7 @@ class SliceCache:
 
     @property
     def pool_bytes(self) -> int:
-        """Bytes in the slot pool; never more than the budget."""
+        """Bytes in the slot pool, staging buffers included; never more than the budget."""
         return self._pool.nbytes
 
     @property
@@ -145,7 +160,7 @@ class SliceCache:
 
     @property
     def slot_sizes(self) -> list[int]:
-        return list(self._pool.sizes)
+        return list(self._pool.sizes[: len(self._slots)])
 
     @property
     def io_modes(self) -> dict[str, str]:
@@ -322,17 +337,25 @@ class SliceCache:
     # -- loading -------------------------------------------------------------------------------------------
 
     def _run(self, load: _Load) -> None:
-        """Read a slice into its slot, verify it, and publish it (or the error) to everyone waiting on it."""
+        """Read a slice into its slot (or a staging buffer, then decode it into the slot), verify the bytes read,
+        and publish the slice (or the error) to everyone waiting on it."""
         key, slot = load.key, load.slot
         t0 = time.perf_counter()
         error, views = None, None
         try:
-            for run in self._plans[key].runs:
-                self._files.read(run, slot.memory)
-            arena = self._pool.array
-            views = {role: arena[slot.base + off : slot.base + off + n] for role, off, n in self._plans[key].views}
-            if self._verify is not None:
-                self._verify(key, views)
+            if self._decode is None:
+                views = self._read(key, slot.memory, slot.base)
+            else:
+                stage = self._stages.get()
+                try:
+                    raw = self._read(key, *stage)
+                    views = self._views(slot.base, self._decode.views[key])
+                    try:
+                        self._decode.decode(key, raw, views)
+                    except Exception as e:
+                        raise ExpertPagerError(f"decoding expert slice {key} failed: {e!r}") from e
+                finally:
+                    self._stages.put(stage)
         except ExpertPagerError as e:
             error = e
         except Exception as e:
@@ -353,6 +376,18 @@ class SliceCache:
             load.done.set()
             if self._slot_waiters:
                 self._freed.notify_all()
+
+    def _read(self, key: SliceKey, memory: memoryview, base: int) -> dict[str, np.ndarray]:
+        """Read the slice's raw bytes into `memory` (at pool offset `base`) and verify them; the parts' views by role."""
+        for run in self._plans[key].runs:
+            self._files.read(run, memory)
+        views = self._views(base, self._plans[key].views)
+        if self._verify is not None:
+            self._verify(key, views)
+        return views
+
+    def _views(self, base: int, parts: tuple[tuple[str, int, int], ...]) -> dict[str, np.ndarray]:
+        return {role: self._pool.array[base + off : base + off + n] for role, off, n in parts}
 
     # -- prefetching ---------------------------------------------------------------------------------------
 
@@ -426,6 +461,8 @@ class SliceCache:
             for slot in self._slots:
                 slot.handle = None
                 slot.memory.release()
+            for memory, _ in self._staging:
+                memory.release()
         self._files.close()
         self._pool.close()
 

@@ -24,10 +24,12 @@ def class_of(need: int, classes: Sequence[int]) -> int:
     return min(c for c in classes if c >= need)
 
 
-def plan_slots(needs: Sequence[int], budget: int, min_pinned: int = 1) -> list[int]:
-    """Slot sizes for a pool of at most `budget` bytes: `min_pinned` slots of the largest class, the rest shared
-    between classes in proportion to their bytes; no class gets more slots than it has slices."""
+def plan_slots(needs: Sequence[int], budget: int, min_pinned: int = 1, reserved: int = 0) -> list[int]:
+    """Slot sizes for a pool of at most `budget - reserved` bytes (`reserved`: staging buffers kept beside the slots):
+    `min_pinned` slots of the largest class, the rest shared between classes in proportion to their bytes; no class
+    gets more slots than it has slices."""
     classes = size_classes(needs)
+    budget -= reserved
     demand = Counter(class_of(n, classes) for n in needs)
     if sum(c * k for c, k in demand.items()) <= budget:
         counts = dict(demand)
@@ -35,8 +37,9 @@ def plan_slots(needs: Sequence[int], budget: int, min_pinned: int = 1) -> list[i
         largest = classes[0]
         if budget < min_pinned * largest:
             raise ExpertPagerError(
-                f"budget of {budget} bytes cannot hold {min_pinned} slot(s) of the largest expert slice: "
-                f"{min_pinned * largest} bytes needed ({largest} bytes per slot)"
+                f"budget of {budget + reserved} bytes cannot hold {min_pinned} slot(s) of the largest expert slice: "
+                f"{min_pinned * largest + reserved} bytes needed ({largest} bytes per slot"
+                + (f", plus {reserved} bytes of staging buffers)" if reserved else ")")
             )
         counts = {c: 0 for c in classes}
         counts[largest] = min(min_pinned, demand[largest])

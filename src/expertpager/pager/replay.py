@@ -53,7 +53,8 @@ def replay(
     """Count hits, misses and bytes read for `trace` under `budget`.
 
     `slices` is the layout's slices (slots sized exactly as SliceCache sizes them), or each key's size in bytes,
-    or one size for all keys. Every access pins and releases one slice.
+    or one size for all keys. Every access pins and releases one slice. For a cache with a decode step, pass the
+    decoded slot sizes (`Decoder.slot_bytes`) and the budget less the cache's `staging_bytes`.
     """
     return replay_steps([Step((tuple(k),)) for k in trace], slices, budget, policy, min_pinned)
 

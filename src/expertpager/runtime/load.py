@@ -9,14 +9,22 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..errors import ExpertPagerError
-from ..model.layout import Layout
-from ..model.plan import MemoryPlan, plan_cache, plan_memory
+from ..model.gguf_config import gguf_arch
+from ..model.layout import ExpertSlice, Layout, SliceKey
+from ..model.plan import MemoryPlan, plan_cache, plan_memory, resident_in_memory
 from ..model.read_layout import read_layout
-from ..pager import SliceCache, plan_reads
+from ..pager import Decoder, SliceCache, checksum_verifier, plan_reads
+from ..pager.decode import staging_bytes
 from ..sizes import parse_size
-from .paged_experts import PagedExperts
+from .gguf_model import build_gguf_model, gguf_dtype
+from .paged_experts import DTYPE_NAMES, PagedExperts, dequantizer
 from .predictors import Predictor, make_predictors
 from .prefetcher import Prefetcher
+
+EXPERT_CACHES = ("dequantized", "raw")
+DEFAULT_EXPERT_CACHE = EXPERT_CACHES[0]
+"""What the cache holds for slices not stored in the compute dtype: the dequantized tensors (decoded once at
+page-in; a hit is a plain matmul) or the raw blocks (compact; decoded on every use). See bench/README.md."""
 
 EXPERTS_MODULE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts$")
 EXPERT_KEYS = [r"\.experts\."] + [r"\.experts\.(gate_up_proj|down_proj)", r"block_sparse_moe\.(input|output)_linear"]
@@ -41,60 +49,103 @@ def paged_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
     })
 
 
-def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None) -> MemoryPlan:
-    """The cache size from `cache` (bytes or 'NN%' of all expert bytes) or from the whole-process `max_memory`;
-    everything fits when neither is given."""
+def compute_dtype(layout: Layout, dtype: torch.dtype | str) -> torch.dtype:
+    """The dtype the model computes in: as asked, or for "auto" the checkpoint's own (GGUF: see gguf_dtype)."""
+    if layout.weights_format == "gguf":
+        return gguf_dtype(layout, dtype)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype if dtype != "auto" else layout.config.get("dtype") or layout.config.get("torch_dtype") or "float32"
+    return getattr(torch, name)
+
+
+def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype) -> tuple[Decoder | None, dict[SliceKey, ExpertSlice]]:
+    """The cache's decode step (None: it holds the stored bytes) and the slices as it serves them. The dequantized
+    tier decodes only when some part is not already stored in the compute dtype."""
+    if expert_cache not in EXPERT_CACHES:
+        raise ExpertPagerError(f"unknown expert cache {expert_cache!r}: use one of {', '.join(EXPERT_CACHES)}")
+    stored = {p.dtype for s in layout.slices.values() for p in s.parts}
+    if expert_cache == "raw" or stored == {DTYPE_NAMES.get(dtype)}:
+        return None, layout.slices
+    return dequantizer(layout.slices, dtype)
+
+
+def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
+                decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None) -> MemoryPlan:
+    """The cache size from `cache` (bytes or 'NN%' of all expert bytes as stored) or from the whole-process
+    `max_memory`; everything fits when neither is given. Slots are sized as the cache holds slices (decoded when
+    `decoder` is given, plus its staging buffers for `threads` workers); GGUF resident tensors count at `dtype`."""
     if max_memory is not None and cache is not None:
         raise ExpertPagerError("give either max_memory (the whole process) or cache (the expert cache), not both")
-    needs = [plan_reads(s).slot_bytes for s in layout.slices.values()]
+    raw = {k: plan_reads(s).slot_bytes for k, s in layout.slices.items()}
+    needs, staging = list(raw.values()), 0
+    if decoder is not None:
+        needs = [decoder.slot_bytes(k) for k in raw]
+        size, count = staging_bytes(raw, threads)
+        staging = size * count
     slot = max(needs)
     if cache is not None:
         text = str(cache).strip()
         try:
-            size = int(sum(needs) * float(text[:-1]) / 100) if text.endswith("%") else parse_size(text)
+            size = int(sum(raw.values()) * float(text[:-1]) / 100) if text.endswith("%") else parse_size(text)
         except ValueError:
             raise ExpertPagerError(f"cannot read cache size {text!r}: use bytes, a size such as 2GB, or a percentage such as 25%") from None
-        plan = plan_cache(layout, size, slot)
+        plan = plan_cache(layout, size, slot, staging=staging)
     elif max_memory is not None:
-        plan = plan_memory(layout, parse_size(max_memory), slot)
+        itemsize = dtype.itemsize if dtype is not None and layout.weights_format == "gguf" else None
+        plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging, resident=resident_in_memory(layout, itemsize))
     else:
-        plan = plan_cache(layout, sum(needs), slot)
+        plan = plan_cache(layout, sum(needs) + staging, slot, staging=staging)
+    return plan
+
+
+def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
+                 decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None) -> MemoryPlan:
+    """plan_budget, with a clear error when the minimum cache does not fit."""
+    plan = plan_budget(layout, max_memory, cache, decoder, threads, dtype)
+    staging = plan.staging_bytes
     if not plan.fits:
         need = plan.min_cache_bytes + plan.resident_bytes + plan.reserve_bytes if max_memory is not None else plan.min_cache_bytes
         what = "max_memory" if max_memory is not None else "the cache"
         raise ExpertPagerError(f"{layout.path}: {what} is too small: at least {need:,} bytes are needed "
                                f"(one layer's top-{layout.experts_per_token} slices of {plan.slice_bytes:,} bytes"
+                               + (f", {staging:,} staging" if staging else "")
                                + (f", {plan.resident_bytes:,} resident, {plan.reserve_bytes:,} reserve)" if max_memory is not None else ")"))
     return plan
 
 
 def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str | int | None = None,
          policy: str = "lru", prefetch: bool = True, io: str = "auto", threads: int = 4,
-         dtype: torch.dtype | str = "auto", predictors: "str | Sequence[str | Predictor] | None" = None,
-         profiles: str | Path | None = None) -> PreTrainedModel:
+         dtype: torch.dtype | str = "auto", expert_cache: str = DEFAULT_EXPERT_CACHE,
+         predictors: "str | Sequence[str | Predictor] | None" = None, profiles: str | Path | None = None) -> PreTrainedModel:
     """A transformers causal LM for `model_ref` with paged experts; `model.pager` is its SliceCache.
 
     max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
-    directly, bytes or a percentage of all expert bytes ('25%'); neither: every slice fits. predictors:
-    'next-layer,temporal,domain' or Predictor instances, fed by `model.prefetcher`; profiles: the domain
-    predictor's folder."""
+    directly, bytes or a percentage of all expert bytes as stored ('25%'); neither: every slice fits.
+    expert_cache: "dequantized" or "raw", what the cache holds for quantized slices (see EXPERT_CACHES).
+    predictors: 'next-layer,temporal,domain' or Predictor instances, fed by `model.prefetcher`; profiles: the
+    domain predictor's folder."""
     layout = read_layout(model_ref)
-    if layout.format != "safetensors":
-        raise ExpertPagerError(f"{layout.path}: running {layout.format} checkpoints is not supported yet")
-    plan = cache_budget(layout, max_memory, cache)
-    config = AutoConfig.from_pretrained(layout.path)
-    base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    model = paged_class(base).from_pretrained(layout.path, config=config, dtype=dtype,
-                                               experts_implementation="grouped_mm")
+    dtype = compute_dtype(layout, dtype)
+    decoder, served = expert_tier(layout, expert_cache, dtype)
+    plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype)
+    if layout.weights_format == "gguf":
+        config = AutoConfig.for_model(gguf_arch(layout).model_type)
+        model = build_gguf_model(layout, paged_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]), dtype)
+    else:
+        config = AutoConfig.from_pretrained(layout.path)
+        base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        model = paged_class(base).from_pretrained(layout.path, config=config, dtype=dtype,
+                                                   experts_implementation="grouped_mm")
     model.eval()
+    verify = checksum_verifier(layout.slices, layout.checksums) if layout.checksums else None
     pager = SliceCache(layout.slices, plan.cache_bytes, policy=policy, io=io, threads=threads,
-                       min_pinned=layout.experts_per_token)
-    compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+                       min_pinned=layout.experts_per_token, verify=verify, decode=decoder)
     for module in model.modules():
         if isinstance(module, PagedExperts):
             module.cache = pager
-            module.slices = {e: layout.slices[(module.layer, e)] for e in range(layout.num_experts)}
-            module.dtype = compute_dtype
+            module.slices = {e: served[(module.layer, e)] for e in range(layout.num_experts)}
+            module.dtype = dtype
             module.chunk = max(layout.experts_per_token, pager.num_slots // (2 if prefetch else 1))
             if not prefetch:
                 module.chunk = pager.num_slots

@@ -1,32 +1,73 @@
 """An experts module that owns no expert weights: it pins the routed slices from the pager and computes exactly
 what transformers' default `grouped_mm` experts forward computes, one expert group at a time."""
 
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch import nn
 from transformers.integrations.moe import _grouped_linear
 
-from ..model.layout import ExpertSlice
+from ..model.layout import ExpertSlice, SliceKey
+from ..pager import Decoder
+from .dequant import dequantize
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def _weights(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A part's bytes as a tensor: a zero-copy view for float types, dequantized to float32 for GGML block types."""
+    if dtype in TORCH_DTYPES:
+        return torch.from_numpy(raw).view(TORCH_DTYPES[dtype]).view(shape)
+    return dequantize(torch.from_numpy(raw), dtype, shape)
+
+
+def decoded_slice(s: ExpertSlice, dtype: torch.dtype) -> ExpertSlice:
+    """The slice as the dequantized tier holds it: every part in `dtype`, gate then up adjacent (so gate_up is one
+    view), offsets within the slot."""
+    first = [p for role in ("gate", "up") for p in s.parts if p.role == role]
+    parts, pos = [], 0
+    for p in first + [p for p in s.parts if p not in first]:
+        n = math.prod(p.shape) * dtype.itemsize
+        parts.append(replace(p, offset=pos, length=n, dtype=DTYPE_NAMES[dtype]))
+        pos += n
+    return replace(s, parts=tuple(parts))
+
+
+def dequantizer(slices: Mapping[SliceKey, ExpertSlice], dtype: torch.dtype) -> tuple[Decoder, dict[SliceKey, ExpertSlice]]:
+    """A pager decode step that dequantizes each part once at page-in to `dtype` (float32 first, then cast, exactly
+    as slice_tensors does on every use of a raw slice), and the slices as the cache then serves them."""
+    served = {k: decoded_slice(s, dtype) for k, s in slices.items()}
+
+    def decode(key: SliceKey, raw: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
+        for p in slices[key].parts:
+            torch.from_numpy(out[p.role]).view(dtype).view(p.shape).copy_(_weights(raw[p.role], p.dtype, p.shape))
+
+    views = {k: tuple((p.role, p.offset, p.length) for p in s.parts) for k, s in served.items()}
+    return Decoder(views, decode), served
 
 
 def slice_tensors(s: ExpertSlice, views: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Torch tensors over a pinned slice's bytes (zero-copy when the stored dtype is the compute dtype).
+    """Torch tensors over a pinned slice's bytes (zero-copy when the stored dtype is the compute dtype; quantized
+    blocks of a raw-tier slice are dequantized here, on every use).
 
-    gate and up are fused into gate_up as transformers does at load: a view when they are adjacent in the slot,
-    else a concatenation."""
+    gate and up are fused into gate_up as transformers does at load: one tensor over both when they are adjacent
+    in the slot with the same type, else a concatenation."""
+    parts = {p.role: p for p in s.parts}
     out = {}
-    for p in s.parts:
-        out[p.role] = torch.from_numpy(views[p.role]).view(TORCH_DTYPES[p.dtype]).view(p.shape)
-    if "gate" in out:
-        gate, up = views["gate"], views["up"]
-        if up.ctypes.data == gate.ctypes.data + gate.nbytes:
-            both = np.lib.stride_tricks.as_strided(gate, shape=(gate.nbytes + up.nbytes,), strides=(1,))
-            fused = torch.from_numpy(both).view(out["gate"].dtype).view(-1, out["gate"].shape[-1])
+    if "gate" in parts:
+        gate, up = parts.pop("gate"), parts.pop("up")
+        a, b = views["gate"], views["up"]
+        if b.ctypes.data == a.ctypes.data + a.nbytes and gate.dtype == up.dtype:
+            both = np.lib.stride_tricks.as_strided(a, shape=(a.nbytes + b.nbytes,), strides=(1,))
+            out["gate_up"] = _weights(both, gate.dtype, (gate.shape[0] + up.shape[0], *gate.shape[1:]))
         else:
-            fused = torch.cat([out["gate"], out["up"]])
-        out = {"gate_up": fused, **{k: v for k, v in out.items() if k not in ("gate", "up")}}
+            out["gate_up"] = torch.cat([_weights(a, gate.dtype, gate.shape), _weights(b, up.dtype, up.shape)])
+    for role, p in parts.items():
+        out[role] = _weights(views[role], p.dtype, p.shape)
     return {k: v if v.dtype == dtype else v.to(dtype) for k, v in out.items()}
 
 
@@ -67,19 +108,20 @@ class PagedExperts(nn.Module):
             with self._pinned(chunk, chunks[i + 1] if i + 1 < len(chunks) else None) as pinned:
                 if i == 0 and self.on_route is not None:
                     self.on_route(self.layer, hit)
+                weights = self._weights(chunk, pinned)
                 for e in chunk:
-                    up = self._project(selected[rows[e]], pinned[(self.layer, e)], "gate_up")
+                    up = self._project(selected[rows[e]], weights[e], "gate_up")
                     proj = up.new_empty(selected.shape[0], up.shape[-1]) if proj is None else proj
                     proj[rows[e]] = up
                 if len(chunks) == 1:  # the usual case (always in decode): one pin for both projections
-                    out = self._down(self._template._apply_gate(proj), chunk, pinned, rows, None)
+                    out = self._down(self._template._apply_gate(proj), chunk, weights, rows, None)
         if len(chunks) > 1:
             gated = self._template._apply_gate(proj)
             out = None
             for i, chunk in enumerate(reversed(chunks)):  # newest slices first: they are the ones still cached
                 following = chunks[-i - 2] if i + 2 <= len(chunks) else None
                 with self._pinned(chunk, following) as pinned:
-                    out = self._down(gated, chunk, pinned, rows, out)
+                    out = self._down(gated, chunk, self._weights(chunk, pinned), rows, out)
         weighted = out * sample_weights_g.unsqueeze(-1)
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.size(0))
@@ -92,15 +134,18 @@ class PagedExperts(nn.Module):
             self.cache.prefetch([(self.layer, e) for e in following])
         return pinned
 
-    def _down(self, gated: torch.Tensor, chunk: list[int], pinned, rows: dict, out: torch.Tensor | None) -> torch.Tensor:
+    def _weights(self, chunk: list[int], pinned) -> dict[int, dict[str, torch.Tensor]]:
+        """The tensors of each pinned expert, built once per pin."""
+        return {e: slice_tensors(self.slices[e], pinned[(self.layer, e)].views, self.dtype) for e in chunk}
+
+    def _down(self, gated: torch.Tensor, chunk: list[int], weights: dict, rows: dict, out: torch.Tensor | None) -> torch.Tensor:
         for e in chunk:
-            down = self._project(gated[rows[e]], pinned[(self.layer, e)], "down")
+            down = self._project(gated[rows[e]], weights[e], "down")
             out = down.new_empty(gated.shape[0], down.shape[-1]) if out is None else out
             out[rows[e]] = down
         return out
 
-    def _project(self, x: torch.Tensor, buf, which: str) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, w: dict[str, torch.Tensor], which: str) -> torch.Tensor:
         """x through one expert's gate_up or down matrix (plus bias), with transformers' grouped_mm kernel."""
-        w = slice_tensors(self.slices[buf.key[1]], buf.views, self.dtype)
         offs = torch.tensor([x.shape[0]], dtype=torch.int32)
         return _grouped_linear(x, w[which].unsqueeze(0), offs, bias=w.get(which + "_bias"), is_transposed=self.is_transposed)

@@ -1,22 +1,23 @@
-"""A generated qwen3_moe checkpoint with realistic slice sizes and random bf16 weights, written shard by shard."""
+"""Generated qwen3_moe checkpoints with realistic slice sizes and random bf16 weights, for benchmarks and memory tests
+(routing of random weights is near uniform: use the demo model's traces for hit-rate claims)."""
 
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from transformers import Qwen3MoeConfig
 
-from tiny_models import tiny_config
 
-
-def write_big_moe(folder: Path, hidden: int = 1024, moe_intermediate: int = 512, layers: int = 8, experts: int = 48,
+def write_synthetic_moe(folder: Path, hidden: int = 1024, moe_intermediate: int = 512, layers: int = 8, experts: int = 48,
                   top_k: int = 4, vocab: int = 1024, seed: int = 0) -> Path:
     """bf16 weights; one shard per layer so the writer never holds more than one layer. Slice = 3*h*f*2 bytes."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = tiny_config("qwen3_moe", hidden_size=hidden, moe_intermediate_size=moe_intermediate, num_hidden_layers=layers,
-                         num_experts=experts, num_experts_per_tok=top_k, vocab_size=vocab, head_dim=64,
-                         num_attention_heads=hidden // 64, num_key_value_heads=4, intermediate_size=2 * moe_intermediate)
-    config.dtype = torch.bfloat16
+    config = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=moe_intermediate, num_hidden_layers=layers,
+                            num_experts=experts, num_experts_per_tok=top_k, vocab_size=vocab, head_dim=64,
+                            num_attention_heads=hidden // 64, num_key_value_heads=4, intermediate_size=2 * moe_intermediate,
+                            max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                            pad_token_id=0, dtype=torch.bfloat16)
     config.save_pretrained(folder)
     g = torch.Generator().manual_seed(seed)
 

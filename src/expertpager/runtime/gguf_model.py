@@ -1,0 +1,108 @@
+"""A transformers model for a GGUF checkpoint: config from metadata, resident tensors dequantized at load.
+
+Expert tensors are not read here; they stay quantized on disk and are dequantized at use by PagedExperts.
+"""
+
+import gguf
+import numpy as np
+import torch
+from transformers import AutoConfig, PreTrainedModel
+from transformers.initialization import no_init_weights
+
+from ..errors import ExpertPagerError
+from ..model.gguf_config import gguf_arch, hf_config_dict
+from ..model.layout import Layout, ResidentTensor
+from .dequant import dequantize, quant_nbytes
+
+FILE_TYPE_DTYPES = {gguf.LlamaFileType.ALL_F32: torch.float32, gguf.LlamaFileType.MOSTLY_F16: torch.float16,
+                    gguf.LlamaFileType.MOSTLY_BF16: torch.bfloat16}
+
+
+def gguf_dtype(layout: Layout, dtype: torch.dtype | str) -> torch.dtype:
+    """The compute dtype: as asked, or for "auto" the file's float type (general.file_type), float32 for quantized files."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    return FILE_TYPE_DTYPES.get(layout.config.get("general.file_type"), torch.float32)
+
+
+def permute_qk(w: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
+    """llama.cpp's q/k row permutation for its rope layout (convert_hf_to_gguf.py LlamaModel.permute)."""
+    n = n_head_kv if n_head_kv is not None and n_head != n_head_kv else n_head
+    return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
+    """The inverse of `permute_qk`."""
+    n = n_head_kv if n_head_kv is not None and n_head != n_head_kv else n_head
+    return w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tensor_name_map(gguf_arch_name: str, num_layers: int) -> gguf.TensorNameMap:
+    """gguf-py's HF <-> GGUF tensor name map for an architecture."""
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch_name)
+    return gguf.get_tensor_name_map(arch, num_layers)
+
+
+def gguf_name(names: gguf.TensorNameMap, hf_name: str) -> str | None:
+    """The GGUF tensor name of an HF parameter name, or None when gguf-py knows no counterpart."""
+    base, _, suffix = hf_name.rpartition(".")
+    mapped = names.get_name(base)
+    return f"{mapped}.{suffix}" if mapped else None
+
+
+def read_tensor(t: ResidentTensor) -> torch.Tensor:
+    """A resident GGUF tensor's bytes, dequantized to float32 in its stored (numpy-order) shape."""
+    raw = np.fromfile(t.file, dtype=np.uint8, count=t.length, offset=t.offset)
+    if raw.size != t.length:
+        raise ExpertPagerError(f"{t.file}: tensor {t.name!r} is truncated")
+    return dequantize(torch.from_numpy(raw), t.dtype, t.shape)
+
+
+def check_slices(layout: Layout) -> None:
+    """Every expert part has a type this runtime dequantizes and exactly the bytes its shape needs in that type."""
+    for s in layout.slices.values():
+        for p in s.parts:
+            try:
+                need = quant_nbytes(p.dtype, p.shape)
+            except ExpertPagerError as e:
+                raise ExpertPagerError(f"{p.file}: expert slice {s.key} part {p.role!r}: {e}") from None
+            if need != p.length:
+                raise ExpertPagerError(f"{p.file}: expert slice {s.key} part {p.role!r} has {p.length} bytes, but a "
+                                       f"{p.dtype} tensor of shape {list(p.shape)} has {need}")
+
+
+def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: torch.dtype | str = "auto") -> PreTrainedModel:
+    """`model_class` (a paged transformers class) built from the GGUF's metadata with its resident weights loaded."""
+    arch = gguf_arch(layout)
+    check_slices(layout)
+    kwargs = hf_config_dict(layout)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    compute = gguf_dtype(layout, dtype)
+    with no_init_weights():
+        model = model_class._from_config(config, dtype=compute, experts_implementation="grouped_mm")
+    names = tensor_name_map(layout.architecture, layout.num_layers)
+    tensors = {t.name: t for t in layout.resident}
+    used = set()
+    with torch.no_grad():
+        for hf_name, param in model.named_parameters():
+            name = gguf_name(names, hf_name)
+            if name not in tensors:
+                raise ExpertPagerError(f"{layout.path}: no GGUF tensor {name or '(unknown name)'} for {hf_name}")
+            t = tensors[name]
+            value = read_tensor(t)
+            if value.numel() != param.numel():
+                raise ExpertPagerError(f"{layout.path}: tensor {name!r} has shape {list(t.shape)}, but the metadata "
+                                       f"gives {hf_name} the shape {list(param.shape)}")
+            value = value.reshape(param.shape)
+            if arch.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
+                kv = config.num_key_value_heads if "attn_k" in name else config.num_attention_heads
+                value = unpermute_qk(value, config.num_attention_heads, kv)
+            param.copy_(value)
+            used.add(name)
+    model.tie_weights()
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ExpertPagerError(f"{layout.path}: GGUF tensors the {arch.model_type} model has no place for: {', '.join(unused[:5])}")
+    return model.eval()

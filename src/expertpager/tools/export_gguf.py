@@ -1,0 +1,166 @@
+"""Export an HF safetensors MoE checkpoint to a standard GGUF: tensor names and metadata as llama.cpp's
+convert_hf_to_gguf.py writes them, experts stacked per layer, written tensor by tensor to a temporary name."""
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ..errors import ExpertPagerError
+from ..model.architectures import ARCHITECTURES, GGUF_CONFIG_KEYS, GGUF_TOKEN_KEYS, Arch
+from ..model.layout import Layout
+from ..model.read_layout import read_layout
+from ..runtime.dequant import block_of
+from ..runtime.gguf_model import gguf_name, permute_qk, tensor_name_map
+from .progress import progress_bar
+from .tokenizer_gguf import add_tokenizer
+
+EXPORT_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+              "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+              "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")  # as convert_hf_to_gguf.py
+
+
+@dataclass(frozen=True)
+class Source:
+    """One tensor to write: its GGUF name, shape (numpy order), and where its values come from."""
+
+    name: str
+    shape: tuple[int, ...]
+    parts: tuple[tuple[str, int, str], ...]  # (file, offset, safetensors dtype), stacked along a new first axis
+    permute_heads: tuple[int, int] | None = None  # (heads, kv heads) for llama's q/k
+
+
+def _read(file: str, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A safetensors tensor as float32."""
+    count = int(np.prod(shape))
+    if dtype == "F32":
+        return np.fromfile(file, np.float32, count, offset=offset).reshape(shape)
+    if dtype == "F16":
+        return np.fromfile(file, np.float16, count, offset=offset).astype(np.float32).reshape(shape)
+    if dtype == "BF16":
+        raw = np.fromfile(file, np.uint16, count, offset=offset).astype(np.uint32) << 16
+        return raw.view(np.float32).reshape(shape)
+    raise ExpertPagerError(f"{file}: cannot export a {dtype} tensor (float32, float16 and bfloat16 only)")
+
+
+def _values(src: Source) -> np.ndarray:
+    part_shape = src.shape[1:] if len(src.parts) > 1 else src.shape
+    arrays = [_read(f, off, dt, part_shape) for f, off, dt in src.parts]
+    data = np.stack(arrays) if len(arrays) > 1 else arrays[0]
+    if src.permute_heads is not None:
+        import torch
+
+        data = permute_qk(torch.from_numpy(np.ascontiguousarray(data)), *src.permute_heads).numpy()
+    return data
+
+
+def _encode(data: np.ndarray, qtype: str) -> np.ndarray:
+    """float32 values in `qtype`, as the bytes GGUF stores."""
+    if qtype == "F32":
+        return np.ascontiguousarray(data, dtype=np.float32).view(np.uint8)
+    if qtype == "F16":
+        return data.astype(np.float16).view(np.uint8)
+    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), gguf.GGMLQuantizationType[qtype])
+
+
+def tensor_type(name: str, shape: tuple[int, ...], qtype: str) -> str:
+    """The type a tensor is written in: F32 for 1-D tensors, norms and routers; F16 where rows don't fit `qtype` blocks."""
+    if len(shape) <= 1 or name.endswith(KEEP_F32):
+        return "F32"
+    if shape[-1] % block_of(qtype)[0]:
+        return "F16"
+    return qtype
+
+
+def _sources(layout: Layout, arch: Arch) -> Iterator[Source]:
+    names = tensor_name_map(arch.gguf_arch, layout.num_layers)
+    heads = layout.config.get("num_attention_heads")
+    kv_heads = layout.config.get("num_key_value_heads", heads)
+    for t in layout.resident:
+        name = gguf_name(names, t.name)
+        if name is None:
+            raise ExpertPagerError(f"{layout.path}: no GGUF name for tensor {t.name!r} of {arch.model_type}")
+        permute = None
+        if arch.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
+            permute = (heads, heads if "attn_q" in name else kv_heads)
+        yield Source(name, t.shape, ((t.file, t.offset, t.dtype),), permute)
+    for layer in layout.moe_layers:
+        first = layout.slices[(layer, 0)]
+        for p in first.parts:
+            if p.role not in ("gate", "up", "down"):
+                raise ExpertPagerError(f"{layout.path}: cannot export expert tensors of role {p.role!r}")
+            parts = tuple((q.file, q.offset, q.dtype) for e in range(layout.num_experts)
+                          for q in [layout.slices[(layer, e)].part(p.role)])
+            yield Source(f"blk.{layer}.ffn_{p.role}_exps.weight", (layout.num_experts, *p.shape), parts)
+
+
+def _metadata(w: gguf.GGUFWriter, layout: Layout, arch: Arch, qtype: str) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(layout.path)  # attributes resolve aliases (num_experts -> num_local_experts)
+    prefix = arch.gguf_arch + "."
+    w.add_name(Path(layout.path).name)
+    w.add_file_type(FILE_TYPES[qtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, hf_key in {**GGUF_CONFIG_KEYS, **arch.gguf_config}.items():
+        value = getattr(config, hf_key, None)
+        if isinstance(value, bool):
+            w.add_bool(prefix + key, value)
+        elif isinstance(value, int):
+            w.add_uint32(prefix + key, value)
+        elif isinstance(value, float):
+            w.add_float32(prefix + key, value)
+    if isinstance(getattr(config, "head_dim", None), int):
+        w.add_value_length(config.head_dim)
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+    if rope is not None:
+        w.add_rope_freq_base(float(rope))
+    w.add_vocab_size(config.vocab_size)
+    if not add_tokenizer(w, Path(layout.path), config.vocab_size):
+        for key, hf_key in GGUF_TOKEN_KEYS.items():
+            if isinstance(getattr(config, hf_key, None), int):
+                w.add_uint32(key, getattr(config, hf_key))
+
+
+def export_gguf(model_ref: str | Path, out: str | Path, out_type: str = "f32", progress: bool = True) -> Path:
+    """Write `model_ref` (an HF safetensors MoE checkpoint) as one GGUF file `out`; returns its path."""
+    qtype = EXPORT_TYPES.get(out_type.lower())
+    if qtype is None:
+        raise ExpertPagerError(f"unknown export type {out_type!r}; use one of {', '.join(EXPORT_TYPES)}")
+    layout = read_layout(model_ref)
+    if layout.format != "safetensors":
+        raise ExpertPagerError(f"{layout.path}: export reads HF safetensors checkpoints, not {layout.format}")
+    arch = ARCHITECTURES[layout.architecture]
+    if not arch.gguf_config:
+        raise ExpertPagerError(f"{layout.path}: exporting {arch.model_type} to GGUF is not supported")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial")
+    sources = list(_sources(layout, arch))
+    w = gguf.GGUFWriter(None, arch.gguf_arch)
+    try:
+        _metadata(w, layout, arch, qtype)
+        types = [tensor_type(s.name, s.shape, qtype) for s in sources]
+        for s, t in zip(sources, types):
+            q = gguf.GGMLQuantizationType[t]
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(s.shape, q)
+            w.add_tensor_info(s.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=q)
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        with progress_bar(f"export {out.name}", len(sources), progress) as advance:
+            for s, t in zip(sources, types):
+                w.write_tensor_data(_encode(_values(s), t))
+                advance()
+        w.flush()
+        os.fsync(w.fout[0].fileno())
+        w.close()
+        os.replace(tmp, out)
+    finally:
+        w.close()
+        tmp.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,122 @@
+"""GGUF checkpoints run through the paged runtime: HF -> GGUF export -> our runtime gives the HF model's logits."""
+
+import gguf
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from expertpager.errors import ExpertPagerError
+from expertpager.model.read_layout import read_layout
+from expertpager.runtime.load import load
+from expertpager.tools.export_gguf import export_gguf
+from test_paged_inference import PROMPT, assert_same, logits_trace, min_cache
+from tiny_gguf import write_tiny_gguf
+from tiny_models import save_tiny
+
+STEPS = 8
+Q8_0_TOLERANCE = 0.05  # max |logit difference| of a Q8_0 export; logits of these tiny models are of order 1
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """HF checkpoints by name, built once."""
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        "qwen3_moe": save_tiny("qwen3_moe", root / "qwen3_moe"),
+        "mixtral": save_tiny("mixtral", root / "mixtral"),
+        "olmoe": save_tiny("olmoe", root / "olmoe"),
+        "qwen2_moe": save_tiny("qwen2_moe", root / "qwen2_moe", mlp_only_layers=[]),
+        "qwen3_moe-f16": save_tiny("qwen3_moe", root / "qwen3_moe-f16", dtype=torch.float16),
+        "qwen3_moe-bf16": save_tiny("qwen3_moe", root / "qwen3_moe-bf16", dtype=torch.bfloat16),
+    }
+
+
+def reference(folder, steps: int = STEPS):
+    return logits_trace(AutoModelForCausalLM.from_pretrained(folder), PROMPT, steps)
+
+
+@pytest.mark.parametrize("name,out_type", [("qwen3_moe", "f32"), ("mixtral", "f32"), ("olmoe", "f32"),
+                                           ("qwen2_moe", "f32"), ("qwen3_moe-f16", "f16"), ("qwen3_moe-bf16", "bf16")])
+def test_export_round_trip_is_exact(tiny, tmp_path, name, out_type):
+    path = export_gguf(tiny[name], tmp_path / f"{name}.gguf", out_type, progress=False)
+    expected = reference(tiny[name])
+    for cache in (min_cache(path), None):
+        model = load(path, cache=cache)
+        assert model.dtype == expected[0].dtype
+        assert_same(expected, logits_trace(model, PROMPT, STEPS), f"{name} as {out_type}, cache={cache}")
+        model.pager.close()
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_q8_0_within_tolerance_and_q4_0_runs(tiny, tmp_path):
+    expected = reference(tiny["qwen3_moe"], steps=0)[0]
+    q8 = export_gguf(tiny["qwen3_moe"], tmp_path / "q8.gguf", "q8_0", progress=False)
+    types = {s.part("gate").dtype for s in read_layout(q8).slices.values()}
+    assert types == {"Q8_0"}  # down rows of 16 fall back to F16, as llama.cpp's converter does
+    got = logits_trace(load(q8), PROMPT, 0)[0]
+    assert (got - expected).abs().max() < Q8_0_TOLERANCE
+    q4 = export_gguf(tiny["qwen3_moe"], tmp_path / "q4.gguf", "q4_0", progress=False)
+    assert torch.isfinite(logits_trace(load(q4), PROMPT, 0)[0]).all()
+
+
+def test_quantized_slices_paged_equal_all_resident(tmp_path):
+    """Layers in Q4_0, F16, BF16 and Q8_0: paging at the smallest budget changes nothing."""
+    path = write_tiny_gguf(tmp_path / "mixed.gguf", "llama")
+    everything = logits_trace(load(path), PROMPT, STEPS)
+    smallest = load(path, cache=min_cache(path), policy="lru")
+    assert_same(everything, logits_trace(smallest, PROMPT, STEPS), "llama gguf, smallest cache")
+    assert smallest.pager.stats_snapshot().evictions > 0
+
+
+def test_gguf_bad_input(tiny, tmp_path):
+    with pytest.raises(ExpertPagerError, match="no GGUF tensor blk.0.attn_q_norm.weight"):
+        load(write_tiny_gguf(tmp_path / "q.gguf", "qwen3moe"))
+    with pytest.raises(ExpertPagerError, match="running GGUF architecture 'gpt-oss' is not supported"):
+        load(write_tiny_gguf(tmp_path / "g.gguf", "gpt-oss"))
+    with pytest.raises(ExpertPagerError, match="unknown export type"):
+        export_gguf(tiny["qwen3_moe"], tmp_path / "x.gguf", "q3_k")
+    with pytest.raises(ExpertPagerError, match="exporting gpt_oss to GGUF is not supported"):
+        export_gguf(save_tiny("gpt_oss", tmp_path / "oss"), tmp_path / "x.gguf")
+    # metadata that disagrees with the tensors: the embedding is 32 wide, the file says 48
+    path = export_gguf(tiny["qwen3_moe"], tmp_path / "bad.gguf", progress=False)
+    reader = gguf.GGUFReader(path, "r+")
+    reader.fields["qwen3moe.embedding_length"].parts[-1][0] = 48
+    reader.data.flush()
+    with pytest.raises(ExpertPagerError, match="has shape .* but the metadata gives"):
+        load(path)
+
+
+def test_tokenizer_round_trip(tmp_path):
+    """A byte-level BPE tokenizer is exported into the GGUF; transformers rebuilds one that encodes the same ids."""
+    import pydoc_data.topics
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from expertpager.runner import load_tokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(list(pydoc_data.topics.topics.values())[:50], vocab_size=300, min_frequency=2,
+                            special_tokens=["<|endoftext|>"])
+    folder = save_tiny("qwen3_moe", tmp_path / "tok", vocab_size=300, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>").save_pretrained(folder)
+    path = export_gguf(folder, tmp_path / "tok.gguf", progress=False)
+    theirs, ours = AutoTokenizer.from_pretrained(folder), load_tokenizer(str(path))
+    text = "def fibonacci(n):\n    return n if n < 2 else 42  # héllo <|endoftext|>"
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    assert ours.decode(ours(text)["input_ids"]) == text
+
+
+def test_unsupported_expert_type_and_wrong_sizes_are_named(tmp_path):
+    from dataclasses import replace
+
+    from expertpager.runtime.gguf_model import check_slices
+
+    layout = read_layout(write_tiny_gguf(tmp_path / "m.gguf", "llama"))
+    key = (1, 2)
+    s = layout.slices[key]
+    layout.slices[key] = replace(s, parts=(replace(s.parts[0], dtype="IQ2_XXS"), *s.parts[1:]))
+    with pytest.raises(ExpertPagerError, match=r"expert slice \(1, 2\) part .*unsupported quantization type 'IQ2_XXS'"):
+        check_slices(layout)
+    layout.slices[key] = replace(s, parts=(replace(s.parts[0], length=s.parts[0].length - 2), *s.parts[1:]))
+    with pytest.raises(ExpertPagerError, match=r"expert slice \(1, 2\) part .* has \d+ bytes, but a"):
+        check_slices(layout)
