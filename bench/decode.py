@@ -1,6 +1,9 @@
 """Decode speed, fully resident vs paged at caches of 100/50/25/10% of expert bytes, cold reads, one run.
 
-    python bench/decode.py [--model PATH] [--tokens 32] [--fractions 100,50,25,10]
+    python bench/decode.py [--model PATH] [--tokens 32] [--fractions 100,50,25,10] [--configs lru,cycle,cycle+next-layer]
+
+At each cache size: LRU, the layer-cycle policy, and the cycle policy with next-layer prefetch; plus once a
+"no cache" row (a cache of exactly one layer's top-k slices: every slice is read on demand).
 
 Without --model it generates a qwen3_moe checkpoint with random bf16 weights (1.2 GB of experts, 3 MiB slices) in
 a temporary folder. Every paged configuration starts cold: the checkpoint's pages are dropped from the page
@@ -19,7 +22,7 @@ import torch
 
 from expertpager.model.read_layout import read_layout
 from expertpager.runner import load_resident, run_once
-from expertpager.runtime.load import load
+from expertpager.runtime.load import DEFAULT_EXPERT_CACHE, compute_dtype, expert_tier, load, plan_budget
 from expertpager.tools.synthetic import write_synthetic_moe
 
 
@@ -30,12 +33,18 @@ def drop_page_cache(folder: Path) -> None:
         os.close(fd)
 
 
+def min_cache_bytes(layout) -> int:
+    """One layer's top-k slots: the smallest cache that runs."""
+    return plan_budget(layout, None, "0%", *expert_tier(layout, DEFAULT_EXPERT_CACHE, compute_dtype(layout, "auto"))[:1]).min_cache_bytes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--fractions", default="100,50,25,10")
-    ap.add_argument("--policy", default="lru")
+    ap.add_argument("--configs", default="lru,cycle,cycle+next-layer",
+                    help="policy[+predictor] per paged row, comma-separated")
     args = ap.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
@@ -45,20 +54,26 @@ def main() -> None:
         rows = []
         drop_page_cache(folder)
         resident = run_once(load_resident(layout.path), prompt, args.tokens, 0.0, 0)
-        rows.append({"config": "resident", "cache_fraction": 1.0, **resident.stats})
+        rows.append({"config": "resident", **resident.stats})
+        minimum = min_cache_bytes(layout)
+        settings = [("no cache", minimum, "lru", None)]
         for pct in [int(x) for x in args.fractions.split(",")]:
+            for config in args.configs.split(","):
+                policy, _, predictor = config.partition("+")
+                settings.append((f"{pct}% {config}", f"{pct}%", policy, predictor or None))
+        for name, cache, policy, predictor in settings:
             drop_page_cache(folder)
-            model = load(folder, cache=f"{pct}%", policy=args.policy, io="direct")
+            model = load(folder, cache=cache, policy=policy, io="direct", predictors=predictor)
             result = run_once(model, prompt, args.tokens, 0.0, 0)
-            assert result.generation.tokens == resident.generation.tokens, f"paged output differs at {pct}%"
-            rows.append({"config": f"paged {pct}%", "cache_fraction": pct / 100, **result.stats})
+            assert result.generation.tokens == resident.generation.tokens, f"paged output differs: {name}"
+            rows.append({"config": name, **result.stats})
             model.pager.close()
             del model
         base = rows[0]["decode_tokens_per_s"]
-        print(f"{'config':<12} {'decode tok/s':>12} {'ratio':>6} {'hit rate':>8} {'read GB':>8} {'stall s':>8}")
+        print(f"{'config':<24} {'decode tok/s':>12} {'ratio':>6} {'hit rate':>8} {'read GB':>8} {'stall s':>8}")
         for r in rows:
             r["ratio_to_resident"] = r["decode_tokens_per_s"] / base
-            print(f"{r['config']:<12} {r['decode_tokens_per_s']:>12.2f} {r['ratio_to_resident']:>6.2f} {r['hit_rate']:>8.1%} "
+            print(f"{r['config']:<24} {r['decode_tokens_per_s']:>12.2f} {r['ratio_to_resident']:>6.2f} {r['hit_rate']:>8.1%} "
                   f"{r['bytes_read'] / 1e9:>8.2f} {r['stall_seconds']:>8.2f}")
         print(json.dumps({"bench": "decode", "model": str(folder) if args.model else "synthetic", "tokens": args.tokens,
                           "expert_bytes": layout.expert_bytes, "slice_bytes": layout.slice_bytes,
