@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from .tensors import TensorInfo
+
 SliceKey = tuple[int, int]
 """(layer, expert): the unit of paging."""
 
@@ -47,17 +49,11 @@ class ExpertSlice:
 
 
 @dataclass(frozen=True)
-class ResidentTensor:
+class ResidentTensor(TensorInfo):
     """A tensor that stays in memory; category is one of embeddings, attention, router, norm,
     shared_expert, dense_mlp, lm_head, other."""
 
-    name: str
-    file: str
-    offset: int
-    length: int
-    dtype: str
-    shape: tuple[int, ...]
-    category: str
+    category: str = "other"
 
 
 @dataclass
