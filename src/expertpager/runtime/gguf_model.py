@@ -82,6 +82,7 @@ def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: 
     compute = gguf_dtype(layout, dtype)
     with no_init_weights():
         model = model_class._from_config(config, dtype=compute, experts_implementation="grouped_mm")
+    model.tie_weights()  # a GGUF without output.weight shares token_embd with lm_head
     names = tensor_name_map(layout.architecture, layout.num_layers)
     tensors = {t.name: t for t in layout.resident}
     used = set()
