@@ -12,30 +12,22 @@ cache (posix_fadvise DONTNEED) and the pager reads with O_DIRECT. Prints a table
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from expertpager.model.read_layout import read_layout
 from expertpager.runner import load_resident, run_once
-from expertpager.runtime.load import DEFAULT_EXPERT_CACHE, compute_dtype, expert_tier, load, plan_budget
+from expertpager.pager import drop_page_cache
+from expertpager.runtime.load import load, min_cache_bytes
 from expertpager.tools.synthetic import write_synthetic_moe
 
 
-def drop_page_cache(folder: Path) -> None:
+def drop_checkpoint_pages(folder: Path) -> None:
     for f in folder.glob("*.safetensors"):
-        fd = os.open(f, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-
-
-def min_cache_bytes(layout) -> int:
-    """One layer's top-k slots: the smallest cache that runs."""
-    return plan_budget(layout, None, "0%", *expert_tier(layout, DEFAULT_EXPERT_CACHE, compute_dtype(layout, "auto"))[:1]).min_cache_bytes
+        drop_page_cache(f)
 
 
 def main() -> None:
@@ -52,7 +44,7 @@ def main() -> None:
         layout = read_layout(folder)
         prompt = list(range(3, 3 + 24))
         rows = []
-        drop_page_cache(folder)
+        drop_checkpoint_pages(folder)
         resident = run_once(load_resident(layout.path), prompt, args.tokens, 0.0, 0)
         rows.append({"config": "resident", **resident.stats})
         minimum = min_cache_bytes(layout)
@@ -62,7 +54,7 @@ def main() -> None:
                 policy, _, predictor = config.partition("+")
                 settings.append((f"{pct}% {config}", f"{pct}%", policy, predictor or None))
         for name, cache, policy, predictor in settings:
-            drop_page_cache(folder)
+            drop_checkpoint_pages(folder)
             model = load(folder, cache=cache, policy=policy, io="direct", predictors=predictor)
             result = run_once(model, prompt, args.tokens, 0.0, 0)
             assert result.generation.tokens == resident.generation.tokens, f"paged output differs: {name}"

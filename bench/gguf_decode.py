@@ -10,7 +10,6 @@ file's pages are dropped from the page cache and the pager reads with O_DIRECT. 
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -21,13 +20,8 @@ from expertpager.model.read_layout import read_layout
 from expertpager.runner import run_once
 from expertpager.runtime.load import EXPERT_CACHES, compute_dtype, load
 from expertpager.tools.export_gguf import export_gguf
+from expertpager.pager import drop_page_cache
 from expertpager.tools.synthetic import write_synthetic_moe
-
-
-def drop_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
 
 
 def main() -> None:

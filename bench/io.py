@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from expertpager.model.layout import ExpertSlice, TensorPart
-from expertpager.pager import SliceCache
+from expertpager.pager import SliceCache, drop_page_cache
 
 MIB = 2**20
 SIZES = [256 * 1024, MIB, 2 * MIB, 4 * MIB, 16 * MIB, 64 * MIB]
@@ -32,12 +32,6 @@ def write_file(path: str, nbytes: int) -> None:
             f.write(chunk.data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def drop_cache(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
 
 
 def gguf_like_slices(path: str, file_bytes: int, slice_bytes: int) -> dict:
@@ -60,7 +54,7 @@ def gguf_like_slices(path: str, file_bytes: int, slice_bytes: int) -> dict:
 
 def raw_direct_gbps(path: str, nbytes: int, start: int = 0) -> float:
     """dd iflag=direct bs=4M: one thread, sequential 4 MiB O_DIRECT reads from `start`."""
-    drop_cache(path)
+    drop_page_cache(path)
     buf = mmap.mmap(-1, 4 * MIB)
     mv = memoryview(buf)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -87,7 +81,7 @@ def pager_gbps(path: str, slices: dict, order: str, threads: int, read_bytes: in
     ahead = threads + 2
     slots = 2 * ahead + 2  # enough that LRU never evicts a prefetched slice before its pin
     need = size + 4 * 4096 * 3
-    drop_cache(path)
+    drop_page_cache(path)
     with SliceCache(slices, budget=slots * need, policy="lru", io="direct", threads=threads) as cache:
         t0 = time.perf_counter()
         for i, key in enumerate(keys):

@@ -18,7 +18,6 @@ import json
 import os
 import time
 
-import numpy as np
 import torch
 
 from expertpager.model.layout import ExpertSlice, TensorPart

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from big_headers import write_sparse_gguf, write_sparse_safetensors
 from expertpager.model.read_layout import read_layout
+from expertpager.pager import drop_page_cache
 from expertpager.report import describe
 from tiny_gguf import GGUF_ARCHES, write_tiny_gguf
 from tiny_models import CONFIGS, save_tiny
@@ -140,13 +141,6 @@ def resident_pages(path) -> int:
         os.close(fd)
 
 
-def drop_pages(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-
-
 @pytest.mark.parametrize("kind", ["safetensors", "gguf"])
 def test_building_a_layout_reads_no_expert_data(tmp_path, kind):
     """A Qwen3-30B-A3B-sized file (sparse, 18-61 GB): reading it would fill the page cache with its (zero) pages;
@@ -155,7 +149,7 @@ def test_building_a_layout_reads_no_expert_data(tmp_path, kind):
         path = write_sparse_safetensors(tmp_path / "q30")
     else:
         path = write_sparse_gguf(tmp_path / "q30.gguf")
-    drop_pages(path)
+    drop_page_cache(path)
     if resident_pages(path) != 0:
         pytest.skip("posix_fadvise(DONTNEED) does not drop pages on this filesystem")
     layout = read_layout(path.parent if kind == "safetensors" else path)

@@ -11,7 +11,8 @@ import pytest
 from expertpager.model.plan import reserve_bytes
 from expertpager.model.read_layout import read_layout
 from expertpager.tools.synthetic import write_synthetic_moe
-from test_layout import drop_pages, resident_pages
+from expertpager.pager import drop_page_cache
+from test_layout import resident_pages
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_peak_rss_within_promise_and_no_page_cache_copy(big):
     assert layout.expert_bytes >= 1.1e9
     files = sorted(big.glob("*.safetensors"))
     for f in files:
-        drop_pages(f)
+        drop_page_cache(f)
     if any(resident_pages(f) for f in files):
         pytest.skip("posix_fadvise(DONTNEED) does not drop pages here")
     cmd = [sys.executable, "-m", "expertpager", "run", str(big), "--prompt-ids", ",".join(map(str, range(3, 40))),

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from expertpager.errors import ExpertPagerError
 from expertpager.runtime.generate import generate
-from expertpager.runtime.load import cache_budget, compute_dtype, expert_tier, load
+from expertpager.runtime.load import load, min_cache_bytes
 from tiny_models import CONFIGS, save_tiny
 
 STEPS = 20
@@ -35,12 +35,9 @@ def logits_trace(model, prompt: list[int], steps: int = STEPS) -> list[torch.Ten
 
 
 def min_cache(model_folder, expert_cache: str = "dequantized", dtype: str = "auto") -> int:
-    """The smallest cache `load` accepts: one layer's top-k slots as the tier holds them, plus decode staging."""
     from expertpager.model.read_layout import read_layout
 
-    layout = read_layout(model_folder)
-    decoder, _ = expert_tier(layout, expert_cache, compute_dtype(layout, dtype))
-    return cache_budget(layout, None, None, decoder).min_cache_bytes
+    return min_cache_bytes(read_layout(model_folder), expert_cache, dtype)
 
 
 def assert_same(reference: list[torch.Tensor], paged: list[torch.Tensor], what: str) -> None:

@@ -17,6 +17,16 @@ from .reads import BLOCK, Run
 MODES = ("auto", "direct", "buffered+dontneed", "buffered")
 
 
+def drop_page_cache(path: "str | os.PathLike") -> None:
+    """Write back and drop `path`'s pages from the OS page cache, so the next read of it is a real disk read."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def _open_direct(path: str) -> int:
     if hasattr(os, "O_DIRECT"):
         return os.open(path, os.O_RDONLY | os.O_DIRECT)

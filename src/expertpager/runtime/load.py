@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..errors import ExpertPagerError
@@ -97,6 +97,12 @@ def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int |
     else:
         plan = plan_cache(layout, sum(needs) + staging, slot, staging=staging)
     return plan
+
+
+def min_cache_bytes(layout: Layout, expert_cache: str = DEFAULT_EXPERT_CACHE, dtype: torch.dtype | str = "auto") -> int:
+    """The smallest cache `load` accepts: one layer's top-k slots as the tier holds them, plus decode staging."""
+    decoder, _ = expert_tier(layout, expert_cache, compute_dtype(layout, dtype))
+    return plan_budget(layout, None, None, decoder).min_cache_bytes
 
 
 def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
