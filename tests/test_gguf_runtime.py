@@ -26,6 +26,7 @@ def tiny(tmp_path_factory):
         "mixtral": save_tiny("mixtral", root / "mixtral"),
         "olmoe": save_tiny("olmoe", root / "olmoe"),
         "qwen2_moe": save_tiny("qwen2_moe", root / "qwen2_moe", mlp_only_layers=[]),
+        "gpt_oss": save_tiny("gpt_oss", root / "gpt_oss"),
         "qwen3_moe-f16": save_tiny("qwen3_moe", root / "qwen3_moe-f16", dtype=torch.float16),
         "qwen3_moe-bf16": save_tiny("qwen3_moe", root / "qwen3_moe-bf16", dtype=torch.bfloat16),
     }
@@ -36,7 +37,8 @@ def reference(folder, steps: int = STEPS):
 
 
 @pytest.mark.parametrize("name,out_type", [("qwen3_moe", "f32"), ("mixtral", "f32"), ("olmoe", "f32"),
-                                           ("qwen2_moe", "f32"), ("qwen3_moe-f16", "f16"), ("qwen3_moe-bf16", "bf16")])
+                                           ("qwen2_moe", "f32"), ("gpt_oss", "f32"), ("qwen3_moe-f16", "f16"),
+                                           ("qwen3_moe-bf16", "bf16")])
 def test_export_round_trip_is_exact(tiny, tmp_path, name, out_type):
     path = export_gguf(tiny[name], tmp_path / f"{name}.gguf", out_type, progress=False)
     expected = reference(tiny[name])
@@ -71,12 +73,12 @@ def test_quantized_slices_paged_equal_all_resident(tmp_path):
 def test_gguf_bad_input(tiny, tmp_path):
     with pytest.raises(ExpertPagerError, match="no GGUF tensor blk.0.attn_q_norm.weight"):
         load(write_tiny_gguf(tmp_path / "q.gguf", "qwen3moe"))
-    with pytest.raises(ExpertPagerError, match="running GGUF architecture 'gpt-oss' is not supported"):
-        load(write_tiny_gguf(tmp_path / "g.gguf", "gpt-oss"))
+    with pytest.raises(ExpertPagerError, match="running GGUF architecture 'deepseek2' is not supported"):
+        load(write_tiny_gguf(tmp_path / "d.gguf", "deepseek2"))
     with pytest.raises(ExpertPagerError, match="unknown export type"):
         export_gguf(tiny["qwen3_moe"], tmp_path / "x.gguf", "q3_k")
-    with pytest.raises(ExpertPagerError, match="exporting gpt_oss to GGUF is not supported"):
-        export_gguf(save_tiny("gpt_oss", tmp_path / "oss"), tmp_path / "x.gguf")
+    with pytest.raises(ExpertPagerError, match="exporting deepseek_v2 to GGUF is not supported"):
+        export_gguf(save_tiny("deepseek_v2", tmp_path / "ds"), tmp_path / "x.gguf")
     # metadata that disagrees with the tensors: the embedding is 32 wide, the file says 48
     path = export_gguf(tiny["qwen3_moe"], tmp_path / "bad.gguf", progress=False)
     reader = gguf.GGUFReader(path, "r+")

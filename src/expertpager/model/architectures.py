@@ -36,7 +36,10 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("olmoe", "olmoe", gguf_config={"expert_count": "num_experts"}),
         Arch("deepseek_v2", "deepseek2", shared_experts=True),
         Arch("deepseek_v3", "deepseek2", shared_experts=True),
-        Arch("gpt_oss", "gpt-oss", expert_bias=True, fused_transposed=True),
+        Arch("gpt_oss", "gpt-oss", expert_bias=True, fused_transposed=True,
+             gguf_config={"expert_count": "num_local_experts", "expert_feed_forward_length": "intermediate_size",
+                          "attention.sliding_window": "sliding_window"},
+             gguf_defaults={"rope_parameters": {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}}),
         Arch("granitemoe", "granitemoe"),
     )
 }
@@ -51,6 +54,9 @@ GGUF_CONFIG_KEYS = {
     "attention.head_count_kv": "num_key_value_heads", "attention.key_length": "head_dim",
     "attention.layer_norm_rms_epsilon": "rms_norm_eps", "expert_used_count": "num_experts_per_tok",
 }
+# GGUF rope scaling key (after "<arch>.") -> key of transformers' rope_parameters.
+GGUF_ROPE_KEYS = {"rope.freq_base": "rope_theta", "rope.scaling.type": "rope_type", "rope.scaling.factor": "factor",
+                  "rope.scaling.original_context_length": "original_max_position_embeddings"}
 GGUF_TOKEN_KEYS = {"tokenizer.ggml.bos_token_id": "bos_token_id", "tokenizer.ggml.eos_token_id": "eos_token_id",
                    "tokenizer.ggml.padding_token_id": "pad_token_id"}
 

@@ -1,7 +1,7 @@
 """A transformers config for a GGUF checkpoint, built from its metadata and tensor shapes (headers only)."""
 
 from ..errors import ExpertPagerError
-from .architectures import GGUF_CONFIG_KEYS, GGUF_RUNNABLE, GGUF_TOKEN_KEYS, Arch
+from .architectures import GGUF_CONFIG_KEYS, GGUF_ROPE_KEYS, GGUF_RUNNABLE, GGUF_TOKEN_KEYS, Arch
 from .layout import Layout
 
 
@@ -25,8 +25,12 @@ def hf_config_dict(layout: Layout) -> dict:
     for key, name in GGUF_TOKEN_KEYS.items():
         if key in meta:
             config[name] = meta[key]
-    if prefix + "rope.freq_base" in meta:
-        config["rope_parameters"] = {"rope_type": "default", "rope_theta": float(meta[prefix + "rope.freq_base"])}
+    rope = {"rope_type": "default", **config.get("rope_parameters", {})}
+    for key, name in GGUF_ROPE_KEYS.items():
+        if prefix + key in meta:
+            rope[name] = meta[prefix + key]
+    if "rope_theta" in rope:
+        config["rope_parameters"] = {**rope, "rope_theta": float(rope["rope_theta"])}
     names = {t.name: t for t in layout.resident}
     if "token_embd.weight" not in names:
         raise ExpertPagerError(f"{layout.path}: no token_embd.weight tensor")

@@ -48,6 +48,8 @@ def tensor_name_map(gguf_arch_name: str, num_layers: int) -> gguf.TensorNameMap:
 def gguf_name(names: gguf.TensorNameMap, hf_name: str) -> str | None:
     """The GGUF tensor name of an HF parameter name, or None when gguf-py knows no counterpart."""
     base, _, suffix = hf_name.rpartition(".")
+    if suffix not in ("weight", "bias"):  # a bare parameter (gpt-oss's sinks): llama.cpp names it <name>.weight
+        base, suffix = hf_name, "weight"
     mapped = names.get_name(base)
     return f"{mapped}.{suffix}" if mapped else None
 

@@ -152,6 +152,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
             module.cache = pager
             module.slices = {e: served[(module.layer, e)] for e in range(layout.num_experts)}
             module.dtype = dtype
+            module.transpose = module.is_transposed and layout.weights_format == "gguf"
             module.chunk = max(layout.experts_per_token, pager.num_slots // (2 if prefetch else 1))
             if not prefetch:
                 module.chunk = pager.num_slots

@@ -50,14 +50,24 @@ def dequantizer(slices: Mapping[SliceKey, ExpertSlice], dtype: torch.dtype) -> t
     return Decoder(views, decode), served
 
 
-def slice_tensors(s: ExpertSlice, views: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def slice_tensors(s: ExpertSlice, views: dict[str, np.ndarray], dtype: torch.dtype,
+                  transpose: bool = False) -> dict[str, torch.Tensor]:
     """Torch tensors over a pinned slice's bytes (zero-copy when the stored dtype is the compute dtype; quantized
     blocks of a raw-tier slice are dequantized here, on every use).
 
     gate and up are fused into gate_up as transformers does at load: one tensor over both when they are adjacent
-    in the slot with the same type, else a concatenation."""
+    in the slot with the same type, else a concatenation. With `transpose` (a GGUF slice of gpt-oss, whose module
+    multiplies by [in, out] weights) gate and up, and their biases, are interleaved into gate_up and gate_up_bias
+    and the weights transposed back from llama.cpp's [out, in]: copies, on every use."""
     parts = {p.role: p for p in s.parts}
     out = {}
+    if transpose:
+        tensors = {role: _weights(views[role], p.dtype, p.shape) for role, p in parts.items()}
+        for suffix in ("", "_bias"):
+            if "gate" + suffix in tensors:
+                gate, up = tensors.pop("gate" + suffix), tensors.pop("up" + suffix)
+                tensors["gate_up" + suffix] = torch.stack([gate, up], dim=1).flatten(0, 1)
+        return {k: (v.T if v.ndim == 2 else v).contiguous().to(dtype) for k, v in tensors.items()}
     if "gate" in parts:
         gate, up = parts.pop("gate"), parts.pop("up")
         a, b = views["gate"], views["up"]
@@ -86,6 +96,7 @@ class PagedExperts(nn.Module):
         self.cache = None  # set by the loader: a pager SliceCache
         self.slices: dict[int, ExpertSlice] = {}
         self.dtype = torch.float32
+        self.transpose = False  # set by the loader: slices in GGUF's order for a transposed module (see slice_tensors)
         self.chunk = 1  # slices pinned at once when a prefill hits many experts
         self.on_route = None  # optional callback(layer, expert_ids), once the first chunk is pinned: predictors
 
@@ -136,7 +147,7 @@ class PagedExperts(nn.Module):
 
     def _weights(self, chunk: list[int], pinned) -> dict[int, dict[str, torch.Tensor]]:
         """The tensors of each pinned expert, built once per pin."""
-        return {e: slice_tensors(self.slices[e], pinned[(self.layer, e)].views, self.dtype) for e in chunk}
+        return {e: slice_tensors(self.slices[e], pinned[(self.layer, e)].views, self.dtype, self.transpose) for e in chunk}
 
     def _down(self, gated: torch.Tensor, chunk: list[int], weights: dict, rows: dict, out: torch.Tensor | None) -> torch.Tensor:
         for e in chunk:

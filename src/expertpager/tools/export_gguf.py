@@ -33,6 +33,9 @@ class Source:
     shape: tuple[int, ...]
     parts: tuple[tuple[str, int, str], ...]  # (file, offset, safetensors dtype), stacked along a new first axis
     permute_heads: tuple[int, int] | None = None  # (heads, kv heads) for llama's q/k
+    part_shape: tuple[int, ...] | None = None  # each part's shape as read, when not shape[1:]
+    columns: slice | None = None  # gpt-oss: the gate or up half (every other column) of an interleaved gate_up
+    transpose: bool = False  # gpt-oss: the last two axes swapped, to llama.cpp's [out, in]
 
 
 def _read(file: str, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -49,9 +52,13 @@ def _read(file: str, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndar
 
 
 def _values(src: Source) -> np.ndarray:
-    part_shape = src.shape[1:] if len(src.parts) > 1 else src.shape
+    part_shape = src.part_shape or (src.shape[1:] if len(src.parts) > 1 else src.shape)
     arrays = [_read(f, off, dt, part_shape) for f, off, dt in src.parts]
     data = np.stack(arrays) if len(arrays) > 1 else arrays[0]
+    if src.columns is not None:
+        data = data[..., src.columns]
+    if src.transpose:
+        data = data.swapaxes(-1, -2)
     if src.permute_heads is not None:
         import torch
 
@@ -64,7 +71,7 @@ def _encode(data: np.ndarray, qtype: str) -> np.ndarray:
     if qtype == "F32":
         return np.ascontiguousarray(data, dtype=np.float32).view(np.uint8)
     if qtype == "F16":
-        return data.astype(np.float16).view(np.uint8)
+        return np.ascontiguousarray(data, dtype=np.float16).view(np.uint8)
     return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), gguf.GGMLQuantizationType[qtype])
 
 
@@ -92,11 +99,22 @@ def _sources(layout: Layout, arch: Arch) -> Iterator[Source]:
     for layer in layout.moe_layers:
         first = layout.slices[(layer, 0)]
         for p in first.parts:
-            if p.role not in ("gate", "up", "down"):
+            base = p.role.removesuffix("_bias")
+            suffix = "bias" if base != p.role else "weight"
+            if base not in ("gate", "up", "down", "gate_up") or (base == "gate_up" and not arch.fused_transposed) \
+                    or (suffix == "bias" and not arch.expert_bias):
                 raise ExpertPagerError(f"{layout.path}: cannot export expert tensors of role {p.role!r}")
             parts = tuple((q.file, q.offset, q.dtype) for e in range(layout.num_experts)
                           for q in [layout.slices[(layer, e)].part(p.role)])
-            yield Source(f"blk.{layer}.ffn_{p.role}_exps.weight", (layout.num_experts, *p.shape), parts)
+            # gpt-oss as llama.cpp writes it: gate_up de-interleaved into gate and up, weights as [out, in]
+            halves = [("gate", slice(0, None, 2)), ("up", slice(1, None, 2))] if base == "gate_up" else [(base, None)]
+            transpose = arch.fused_transposed and suffix == "weight"
+            for role, columns in halves:
+                shape = [layout.num_experts, *p.shape]
+                shape[-1] //= 2 if columns else 1
+                if transpose:
+                    shape[-2:] = shape[:-3:-1]
+                yield Source(f"blk.{layer}.ffn_{role}_exps.{suffix}", tuple(shape), parts, None, p.shape, columns, transpose)
 
 
 def _metadata(w: gguf.GGUFWriter, layout: Layout, arch: Arch, qtype: str) -> None:
@@ -117,9 +135,14 @@ def _metadata(w: gguf.GGUFWriter, layout: Layout, arch: Arch, qtype: str) -> Non
             w.add_float32(prefix + key, value)
     if isinstance(getattr(config, "head_dim", None), int):
         w.add_value_length(config.head_dim)
-    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
-    if rope is not None:
-        w.add_rope_freq_base(float(rope))
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_theta") is not None:
+        w.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope.get("rope_type", "default") != "default":
+        w.add_rope_scaling_type(gguf.RopeScalingType(rope["rope_type"]))
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        if "original_max_position_embeddings" in rope:
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     w.add_vocab_size(config.vocab_size)
     if not add_tokenizer(w, Path(layout.path), config.vocab_size):
         for key, hf_key in GGUF_TOKEN_KEYS.items():
