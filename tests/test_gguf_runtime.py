@@ -1,6 +1,7 @@
 """GGUF checkpoints run through the paged runtime: HF -> GGUF export -> our runtime gives the HF model's logits."""
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -27,6 +28,8 @@ def tiny(tmp_path_factory):
         "olmoe": save_tiny("olmoe", root / "olmoe"),
         "qwen2_moe": save_tiny("qwen2_moe", root / "qwen2_moe", mlp_only_layers=[]),
         "gpt_oss": save_tiny("gpt_oss", root / "gpt_oss"),
+        "deepseek_v2": save_tiny("deepseek_v2", root / "deepseek_v2"),
+        "deepseek_v3": save_tiny("deepseek_v3", root / "deepseek_v3"),
         "qwen3_moe-f16": save_tiny("qwen3_moe", root / "qwen3_moe-f16", dtype=torch.float16),
         "qwen3_moe-bf16": save_tiny("qwen3_moe", root / "qwen3_moe-bf16", dtype=torch.bfloat16),
     }
@@ -37,7 +40,8 @@ def reference(folder, steps: int = STEPS):
 
 
 @pytest.mark.parametrize("name,out_type", [("qwen3_moe", "f32"), ("mixtral", "f32"), ("olmoe", "f32"),
-                                           ("qwen2_moe", "f32"), ("gpt_oss", "f32"), ("qwen3_moe-f16", "f16"),
+                                           ("qwen2_moe", "f32"), ("gpt_oss", "f32"), ("deepseek_v2", "f32"),
+                                           ("deepseek_v3", "f32"), ("qwen3_moe-f16", "f16"),
                                            ("qwen3_moe-bf16", "bf16")])
 def test_export_round_trip_is_exact(tiny, tmp_path, name, out_type):
     path = export_gguf(tiny[name], tmp_path / f"{name}.gguf", out_type, progress=False)
@@ -73,12 +77,12 @@ def test_quantized_slices_paged_equal_all_resident(tmp_path):
 def test_gguf_bad_input(tiny, tmp_path):
     with pytest.raises(ExpertPagerError, match="no GGUF tensor blk.0.attn_q_norm.weight"):
         load(write_tiny_gguf(tmp_path / "q.gguf", "qwen3moe"))
-    with pytest.raises(ExpertPagerError, match="running GGUF architecture 'deepseek2' is not supported"):
-        load(write_tiny_gguf(tmp_path / "d.gguf", "deepseek2"))
+    with pytest.raises(ExpertPagerError, match="running GGUF architecture 'granitemoe' is not supported"):
+        load(write_tiny_gguf(tmp_path / "g.gguf", "granitemoe"))
     with pytest.raises(ExpertPagerError, match="unknown export type"):
         export_gguf(tiny["qwen3_moe"], tmp_path / "x.gguf", "q3_k")
-    with pytest.raises(ExpertPagerError, match="exporting deepseek_v2 to GGUF is not supported"):
-        export_gguf(save_tiny("deepseek_v2", tmp_path / "ds"), tmp_path / "x.gguf")
+    with pytest.raises(ExpertPagerError, match="exporting granitemoe to GGUF is not supported"):
+        export_gguf(save_tiny("granitemoe", tmp_path / "gr"), tmp_path / "x.gguf")
     # metadata that disagrees with the tensors: the embedding is 32 wide, the file says 48
     path = export_gguf(tiny["qwen3_moe"], tmp_path / "bad.gguf", progress=False)
     reader = gguf.GGUFReader(path, "r+")
@@ -122,3 +126,30 @@ def test_unsupported_expert_type_and_wrong_sizes_are_named(tmp_path):
     layout.slices[key] = replace(s, parts=(replace(s.parts[0], length=s.parts[0].length - 2), *s.parts[1:]))
     with pytest.raises(ExpertPagerError, match=r"expert slice \(1, 2\) part .* has \d+ bytes, but a"):
         check_slices(layout)
+
+
+def test_deepseek2_split_kv_b_as_newer_llama_cpp_writes_it(tiny, tmp_path):
+    """attn_kv_b split into attn_k_b ([heads, kv_lora, nope], per head transposed) and attn_v_b: same logits."""
+    path = export_gguf(tiny["deepseek_v2"], tmp_path / "kv.gguf", progress=False)
+    reader = gguf.GGUFReader(path)
+    w = gguf.GGUFWriter(str(tmp_path / "split.gguf"), "deepseek2")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
+    heads, nope = 4, 8
+    for t in reader.tensors:
+        data = np.array(t.data)
+        if t.name.endswith("attn_kv_b.weight"):
+            kv_b = data.reshape(heads, -1, data.shape[-1])
+            w.add_tensor(t.name.replace("kv_b", "k_b"), np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1)))
+            w.add_tensor(t.name.replace("kv_b", "v_b"), np.ascontiguousarray(kv_b[:, nope:]))
+        else:
+            w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_same(logits_trace(load(path), PROMPT, 2), logits_trace(load(tmp_path / "split.gguf"), PROMPT, 2),
+                "deepseek2 with split kv_b")

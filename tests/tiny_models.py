@@ -42,5 +42,8 @@ def save_tiny(model_type: str, folder: Path, dtype: torch.dtype = torch.float32,
         for p in model.parameters():
             if p.ndim >= 1 and p.numel() > 1:
                 p.normal_(0, 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # deepseek_v3's routing bias, zeros at init
+                b.normal_(0, 0.2)
     model.save_pretrained(folder)
     return folder

@@ -20,8 +20,19 @@ class Arch:
     # GGUF_CONFIG_KEYS; empty: running this arch from GGUF is not supported
     gguf_defaults: dict = field(default_factory=dict)  # config values llama.cpp implies but does not store
     permute_qk: bool = False  # llama.cpp's llama converter permutes q/k rows for its rope layout
+    gguf_match: dict = field(default_factory=dict)  # GGUF metadata (key after "<arch>.") that picks this entry
+    # among those sharing a gguf_arch; an entry without it is the fallback
+    mla: bool = False  # deepseek's multi-head latent attention: llama.cpp's MQA-style key/value lengths
 
 
+DEEPSEEK2_CONFIG = {
+    "expert_count": "n_routed_experts", "expert_feed_forward_length": "moe_intermediate_size",
+    "leading_dense_block_count": "first_k_dense_replace", "expert_shared_count": "n_shared_experts",
+    "expert_weights_scale": "routed_scaling_factor", "expert_weights_norm": "norm_topk_prob",
+    "expert_group_count": "n_group", "expert_group_used_count": "topk_group", "attention.q_lora_rank": "q_lora_rank",
+    "attention.kv_lora_rank": "kv_lora_rank", "rope.dimension_count": "qk_rope_head_dim",
+    "attention.value_length_mla": "v_head_dim",
+}
 ARCHITECTURES: dict[str, Arch] = {
     a.model_type: a
     for a in (
@@ -34,8 +45,10 @@ ARCHITECTURES: dict[str, Arch] = {
                           "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
         Arch("mixtral", "llama", gguf_config={"expert_count": "num_local_experts"}, permute_qk=True),
         Arch("olmoe", "olmoe", gguf_config={"expert_count": "num_experts"}),
-        Arch("deepseek_v2", "deepseek2", shared_experts=True),
-        Arch("deepseek_v3", "deepseek2", shared_experts=True),
+        Arch("deepseek_v2", "deepseek2", shared_experts=True, mla=True, gguf_config=DEEPSEEK2_CONFIG,
+             gguf_defaults={"q_lora_rank": None}),
+        Arch("deepseek_v3", "deepseek2", shared_experts=True, mla=True, gguf_config=DEEPSEEK2_CONFIG,
+             gguf_defaults={"q_lora_rank": None}, gguf_match={"expert_gating_func": 2}),  # sigmoid gating
         Arch("gpt_oss", "gpt-oss", expert_bias=True, fused_transposed=True,
              gguf_config={"expert_count": "num_local_experts", "expert_feed_forward_length": "intermediate_size",
                           "attention.sliding_window": "sliding_window"},
@@ -44,8 +57,12 @@ ARCHITECTURES: dict[str, Arch] = {
     )
 }
 GGUF_ARCHITECTURES = {"qwen3moe", "qwen2moe", "llama", "olmoe", "deepseek2", "gpt-oss", "granitemoe"}
-GGUF_RUNNABLE = {a.gguf_arch: a for a in ARCHITECTURES.values() if a.gguf_config}
-"""GGUF architectures the runtime can build a transformers model for (llama means Mixtral: llama with experts)."""
+GGUF_RUNNABLE: dict[str, list[Arch]] = {}
+"""GGUF architectures the runtime can build a transformers model for (llama means Mixtral: llama with experts),
+each with its entries, those with a `gguf_match` first."""
+for _a in sorted(ARCHITECTURES.values(), key=lambda a: not a.gguf_match):
+    if _a.gguf_config:
+        GGUF_RUNNABLE.setdefault(_a.gguf_arch, []).append(_a)
 
 # GGUF metadata key (after "<arch>.") -> transformers config key, for every runnable arch.
 GGUF_CONFIG_KEYS = {

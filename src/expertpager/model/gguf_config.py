@@ -7,11 +7,35 @@ from .layout import Layout
 
 def gguf_arch(layout: Layout) -> Arch:
     """The architecture entry that runs this GGUF, or an error naming the runnable ones."""
-    arch = GGUF_RUNNABLE.get(layout.architecture)
-    if arch is None:
+    arches = GGUF_RUNNABLE.get(layout.architecture)
+    if arches is None:
         raise ExpertPagerError(f"{layout.path}: running GGUF architecture {layout.architecture!r} is not supported; "
                                f"runnable: {', '.join(sorted(GGUF_RUNNABLE))}")
-    return arch
+    prefix = layout.architecture + "."
+    return next(a for a in arches if all(layout.config.get(prefix + k) == v for k, v in a.gguf_match.items()))
+
+
+def _mla_config(layout: Layout, config: dict) -> None:
+    """deepseek2's attention geometry. llama.cpp writes MLA as MQA: head_count_kv 1, key/value lengths of the
+    latent (kv_lora_rank + rope dims, kv_lora_rank), the per-head ones as key/value_length_mla; older files have
+    only key/value_length, then per head."""
+    meta, prefix = layout.config, layout.architecture + "."
+    config.pop("head_dim", None)
+    config["num_key_value_heads"] = config["num_attention_heads"]  # transformers decompresses MLA to MHA
+    rope = config.get("qk_rope_head_dim")
+    key = meta.get(prefix + "attention.key_length_mla", meta.get(prefix + "attention.key_length"))
+    if "v_head_dim" not in config and prefix + "attention.value_length" in meta:
+        config["v_head_dim"] = meta[prefix + "attention.value_length"]
+    if rope is None or key is None or "v_head_dim" not in config or "kv_lora_rank" not in config:
+        raise ExpertPagerError(f"{layout.path}: deepseek2 GGUF metadata lacks rope.dimension_count, "
+                               "attention.kv_lora_rank, attention.key_length or attention.value_length")
+    config["qk_nope_head_dim"] = key - rope
+    log_mul = meta.get(prefix + "rope.scaling.yarn_log_multiplier")
+    if log_mul and config.get("rope_parameters", {}).get("rope_type") == "yarn":  # llama.cpp: 0.1 * mscale_all_dim
+        mscale = round(float(log_mul) / 0.1, 6)  # taken as mscale too: equal in DeepSeek-V2 and V3's configs
+        config["rope_parameters"].update(mscale=mscale, mscale_all_dim=mscale)
+    if config.get("n_group", 1) > 1 and config["model_type"] == "deepseek_v2":
+        config["topk_method"] = "group_limited_greedy"
 
 
 def hf_config_dict(layout: Layout) -> dict:
@@ -42,4 +66,6 @@ def hf_config_dict(layout: Layout) -> dict:
     for needed in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
         if needed not in config:
             raise ExpertPagerError(f"{layout.path}: GGUF metadata lacks the key that gives {needed}")
+    if arch.mla:
+        _mla_config(layout, config)
     return config

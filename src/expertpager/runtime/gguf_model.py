@@ -48,8 +48,10 @@ def tensor_name_map(gguf_arch_name: str, num_layers: int) -> gguf.TensorNameMap:
 def gguf_name(names: gguf.TensorNameMap, hf_name: str) -> str | None:
     """The GGUF tensor name of an HF parameter name, or None when gguf-py knows no counterpart."""
     base, _, suffix = hf_name.rpartition(".")
-    if suffix not in ("weight", "bias"):  # a bare parameter (gpt-oss's sinks): llama.cpp names it <name>.weight
-        base, suffix = hf_name, "weight"
+    if suffix not in ("weight", "bias"):  # a bare parameter (gpt-oss's sinks): llama.cpp names it <name>.weight,
+        base, suffix = hf_name, "weight"  # but deepseek's e_score_correction_bias exp_probs_b.bias
+        if hf_name.endswith("_bias") and names.get_name(hf_name.removesuffix("_bias")):
+            base, suffix = hf_name.removesuffix("_bias"), "bias"
     mapped = names.get_name(base)
     return f"{mapped}.{suffix}" if mapped else None
 
@@ -60,6 +62,19 @@ def read_tensor(t: ResidentTensor) -> torch.Tensor:
     if raw.size != t.length:
         raise ExpertPagerError(f"{t.file}: tensor {t.name!r} is truncated")
     return dequantize(torch.from_numpy(raw), t.dtype, t.shape)
+
+
+def read_kv_b(tensors: dict[str, ResidentTensor], name: str) -> torch.Tensor | None:
+    """deepseek2's kv_b from llama.cpp's newer split attn_k_b ([heads, kv_lora, nope], transposed per head) and
+    attn_v_b ([heads, v, kv_lora]), as transformers' [heads * (nope + v), kv_lora]; None when they are absent."""
+    k_name, v_name = name.replace("attn_kv_b", "attn_k_b"), name.replace("attn_kv_b", "attn_v_b")
+    if not name.endswith("attn_kv_b.weight") or k_name not in tensors or v_name not in tensors:
+        return None
+    k_b, v_b = read_tensor(tensors[k_name]), read_tensor(tensors[v_name])
+    if k_b.ndim != 3 or v_b.ndim != 3 or k_b.shape[0] != v_b.shape[0] or k_b.shape[1] != v_b.shape[2]:
+        raise ExpertPagerError(f"{tensors[k_name].file}: {k_name} {list(k_b.shape)} and {v_name} {list(v_b.shape)} "
+                               "are not [heads, kv_lora_rank, nope] and [heads, v_head_dim, kv_lora_rank]")
+    return torch.cat([k_b.transpose(1, 2), v_b], dim=1).flatten(0, 1)
 
 
 def check_slices(layout: Layout) -> None:
@@ -89,21 +104,25 @@ def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: 
     tensors = {t.name: t for t in layout.resident}
     used = set()
     with torch.no_grad():
-        for hf_name, param in model.named_parameters():
+        # parameters, and buffers llama.cpp stores (deepseek's e_score_correction_bias), not rope tables
+        buffers = [(n, b) for n, b in model.named_buffers() if gguf_name(names, n)]
+        for hf_name, param in [*model.named_parameters(), *buffers]:
             name = gguf_name(names, hf_name)
-            if name not in tensors:
+            if name in tensors:
+                value = read_tensor(tensors[name])
+                used.add(name)
+            elif (value := read_kv_b(tensors, name or "")) is not None:
+                used.update({name.replace("attn_kv_b", "attn_k_b"), name.replace("attn_kv_b", "attn_v_b")})
+            else:
                 raise ExpertPagerError(f"{layout.path}: no GGUF tensor {name or '(unknown name)'} for {hf_name}")
-            t = tensors[name]
-            value = read_tensor(t)
             if value.numel() != param.numel():
-                raise ExpertPagerError(f"{layout.path}: tensor {name!r} has shape {list(t.shape)}, but the metadata "
+                raise ExpertPagerError(f"{layout.path}: tensor {name!r} has shape {list(value.shape)}, but the metadata "
                                        f"gives {hf_name} the shape {list(param.shape)}")
             value = value.reshape(param.shape)
             if arch.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
                 kv = config.num_key_value_heads if "attn_k" in name else config.num_attention_heads
                 value = unpermute_qk(value, config.num_attention_heads, kv)
             param.copy_(value)
-            used.add(name)
     model.tie_weights()
     unused = sorted(set(tensors) - used)
     if unused:

@@ -117,6 +117,20 @@ def _sources(layout: Layout, arch: Arch) -> Iterator[Source]:
                 yield Source(f"blk.{layer}.ffn_{role}_exps.{suffix}", tuple(shape), parts, None, p.shape, columns, transpose)
 
 
+def _mla_metadata(w: gguf.GGUFWriter, config) -> None:
+    """deepseek2's attention as llama.cpp's DeepseekV2Model writes it: MLA as MQA over the latent (one kv head,
+    key/value lengths of kv_lora_rank + rope dims and kv_lora_rank), the per-head lengths as *_mla; gating func."""
+    w.add_head_count_kv(1)
+    w.add_key_length(config.kv_lora_rank + config.qk_rope_head_dim)
+    w.add_value_length(config.kv_lora_rank)
+    w.add_key_length_mla(config.qk_nope_head_dim + config.qk_rope_head_dim)
+    sigmoid = config.model_type == "deepseek_v3"  # transformers' v3 router is sigmoid, v2's softmax
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "yarn" and rope.get("mscale_all_dim"):
+        w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+
+
 def _metadata(w: gguf.GGUFWriter, layout: Layout, arch: Arch, qtype: str) -> None:
     from transformers import AutoConfig
 
@@ -125,15 +139,22 @@ def _metadata(w: gguf.GGUFWriter, layout: Layout, arch: Arch, qtype: str) -> Non
     w.add_name(Path(layout.path).name)
     w.add_file_type(FILE_TYPES[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    mla_keys = ("attention.head_count_kv", "attention.key_length")  # written by _mla_metadata
     for key, hf_key in {**GGUF_CONFIG_KEYS, **arch.gguf_config}.items():
         value = getattr(config, hf_key, None)
+        if arch.mla and key in mla_keys:
+            continue
+        if key == "expert_weights_scale" and isinstance(value, int):
+            value = float(value)
         if isinstance(value, bool):
             w.add_bool(prefix + key, value)
         elif isinstance(value, int):
             w.add_uint32(prefix + key, value)
         elif isinstance(value, float):
             w.add_float32(prefix + key, value)
-    if isinstance(getattr(config, "head_dim", None), int):
+    if arch.mla:
+        _mla_metadata(w, config)
+    elif isinstance(getattr(config, "head_dim", None), int):
         w.add_value_length(config.head_dim)
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_theta") is not None:
