@@ -13,7 +13,8 @@ from ..model.gguf_config import gguf_arch
 from ..model.layout import ExpertSlice, Layout, SliceKey
 from ..model.plan import MemoryPlan, plan_cache, plan_memory, resident_in_memory
 from ..model.read_layout import read_layout
-from ..pager import Decoder, SliceCache, checksum_verifier, plan_reads
+from ..pager import Decoder, SliceCache, checksum_verifier
+from ..pager.replay import slot_needs
 from ..pager.decode import staging_bytes
 from ..sizes import parse_size
 from .gguf_model import build_gguf_model, gguf_dtype
@@ -77,7 +78,7 @@ def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int |
     `decoder` is given, plus its staging buffers for `threads` workers); GGUF resident tensors count at `dtype`."""
     if max_memory is not None and cache is not None:
         raise ExpertPagerError("give either max_memory (the whole process) or cache (the expert cache), not both")
-    raw = {k: plan_reads(s).slot_bytes for k, s in layout.slices.items()}
+    raw = slot_needs(layout.slices)
     needs, staging = list(raw.values()), 0
     if decoder is not None:
         needs = [decoder.slot_bytes(k) for k in raw]
