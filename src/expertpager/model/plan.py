@@ -6,8 +6,10 @@ from dataclasses import asdict, dataclass
 from .layout import Layout
 
 MiB = 2**20
-RUNTIME_OVERHEAD = 640 * MiB
-"""Python, torch, transformers and tokenizer loaded and idle (RSS measured on Linux, torch 2.13 CPU: about 550 MiB)."""
+RUNTIME_OVERHEAD = 1024 * MiB
+"""Python, torch, transformers and tokenizer loaded and running. RSS counts the shared libraries' file pages the
+process has mapped, which depends on what the page cache holds: measured 590-1,040 MiB less resident + cache on
+Linux, torch 2.13 CPU, for the same run."""
 ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN = 64
 """Prefill activations: a generous multiple of tokens x hidden x 4 bytes kept live at once."""
 DEFAULT_CONTEXT = 4096
