@@ -2,15 +2,17 @@
 slice size, comparing at one cache size: no cache, LRU, the best policy, the best policy + prefetch, and every
 slice resident. Run by hand:
 
-    PYTHONPATH=src python bench/replay.py [--trace T.npz [--model DIR]] [--cache 25%] [--tokens 64]
+    PYTHONPATH=src python bench/replay.py [--trace T.npz [--model DIR]] [--cache 25%] [--tokens 64] [--warmup 64]
 
 Writes a scratch file of bf16 expert slices (gate, up, down of hidden x inter; default 2048 x 384 = 4.7 MB, between
 Qwen3-30B-A3B's 2.7 MB at Q4 and 9.4 MB at bf16), one per (layer, expert) of the trace, deleted at the end. Each
-token pins its experts layer by layer with `pin_many` (io=direct: every miss is a disk read) and multiplies by
-them (gate/up, SiLU, down; one thread). "best" is the policy with the fewest misses when the same trace is
-replayed (`simulate`) without prefetch; "best + prefetch" adds the predictor (temporal, or next-layer with --model)
-that replays best with it. Prefetches still queued when the next layer pins are cancelled, as the runtime does.
-Warm-up tokens run first, untimed. Prints a table, then one JSON line.
+token pins its experts layer by layer with `pin_each` (io=direct: every miss is a disk read) and multiplies by
+each as soon as it is ready (gate/up, SiLU, down; one thread), as the runtime does. "best" is the policy with the
+fewest misses when the same trace is replayed (`simulate`) without prefetch; "best + prefetch" adds the predictor
+(temporal, or next-layer with --model) that replays best with it, its slices queued with the layer's pin, behind
+the layer's own loads. Prefetches still queued when the next layer pins are cancelled, as the runtime does.
+Warm-up tokens run first, untimed, so the timed tokens see a cache in its steady state. Prints a table, then one
+JSON line.
 """
 
 import argparse
@@ -71,11 +73,11 @@ def run(name: str, slices: dict, budget: int, policy: str, steps: list, warmup: 
         for i, step in enumerate(steps):
             if i == warmup * per_token:
                 start, base = time.perf_counter(), cache.stats_snapshot()
-            with cache.pin_many(step.keys) as bufs:
-                if prefetch:
-                    cache.cancel_prefetches()
-                    cache.prefetch(step.prefetch)
-                out = sum(expert_forward(x, slices[key], buf) for key, buf in bufs.items())
+            if prefetch:
+                cache.cancel_prefetches()
+            with cache.pin_each(step.keys, step.prefetch if prefetch else ()) as stream:
+                outs = {key: expert_forward(x, slices[key], buf) for key, buf in stream}  # each as soon as it is read
+            out = sum(outs[key] for key in step.keys)
             x = (out / out.float().norm().clamp_min(1e-6)).to(torch.bfloat16)
         seconds = time.perf_counter() - start
         s = cache.stats_snapshot()
@@ -91,8 +93,8 @@ def main() -> None:
     ap.add_argument("--trace", help="routing trace .npz (default: synthetic skewed routing, 8 layers x 64 experts, top-8)")
     ap.add_argument("--model", help="the traced model: adds next-layer prefetch (its routers on its hidden states)")
     ap.add_argument("--cache", default="25%")
-    ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--warmup", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--inter", type=int, default=384)
     ap.add_argument("--path", default="/tmp/expertpager-bench-replay.bin")

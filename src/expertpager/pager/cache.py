@@ -1,17 +1,18 @@
 """SliceCache: expert slices paged from disk into a fixed pool of slots, pinned while in use.
 
 One lock guards all state. A hit is a dict lookup, a pin count and a policy touch, and returns a buffer object
-built once when the slot was filled. A miss loads in the caller's thread (pin_many hands extra misses to the
-workers ahead of any prefetch, and the caller takes back those no worker has started), so demand loads never
-wait behind queued prefetches. Prefetches are queued keys that a worker starts only if a slot can be freed
-without touching pinned or loading slices.
+built once when the slot was filled. Misses go to the workers ahead of any prefetch, and a caller waiting for
+them takes back those no worker has started and reads them itself, so demand loads never wait behind queued
+prefetches; `pin_each` hands out each slice as soon as it is ready, so compute overlaps the remaining reads.
+Prefetches are queued keys that a worker starts only if a slot can be freed without touching pinned or loading
+slices.
 """
 
 import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -56,6 +57,56 @@ class PinnedSlices(dict):
         self.clear()
 
     def __enter__(self) -> "PinnedSlices":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class PinStream:
+    """Slices being pinned together (`SliceCache.pin_each`): iterating yields `(key, buffer)` as each is ready;
+    `pinned` holds those yielded so far. A failed load raises after the others finish, with every pin released.
+    Leaving the `with` block (or `release()`) releases every pin, waiting for loads still in flight."""
+
+    def __init__(self, cache: "SliceCache", hits: list, own: list["_Load"], joined: list["_Load"]):
+        self.pinned = PinnedSlices()
+        self._cache, self._hits, self._own = cache, hits, own
+        self._pending = own + joined
+
+    def __iter__(self) -> Iterator[tuple[SliceKey, SliceBuffer]]:
+        while self._hits:
+            key, buf = self._hits.pop(0)
+            self.pinned[key] = buf
+            yield key, buf
+        errors = []
+        while self._pending:
+            load = self._take_done()
+            if load.error is not None:
+                errors.append(load.error)
+                continue
+            self.pinned[load.key] = load.slot.handle
+            if not errors:
+                yield load.key, load.slot.handle
+        if errors:
+            self.release()
+            raise errors[0]
+
+    def _take_done(self) -> "_Load":
+        load = self._cache._next_done(self._pending, self._own)
+        self._pending.remove(load)
+        return load
+
+    def release(self) -> None:
+        for _, buf in self._hits:
+            buf.release()
+        self._hits = []
+        while self._pending:
+            load = self._take_done()
+            if load.error is None:
+                load.slot.handle.release()
+        self.pinned.release()
+
+    def __enter__(self) -> "PinStream":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -137,6 +188,7 @@ class SliceCache:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._freed = threading.Condition(self._lock)
+        self._landed = threading.Condition(self._lock)
         self._slot_waiters = 0
         self._ready: dict[SliceKey, _Slot] = {}
         self._loading: dict[SliceKey, _Load] = {}
@@ -198,50 +250,32 @@ class SliceCache:
                     slot.prefetched = False
                     self._count["prefetch_hits"][slot.li] += 1
                 return slot.handle
-        return self._acquire((key,))[key]
+        return self.pin_many((key,))[key]
 
-    def pin_many(self, keys: Iterable[SliceKey]) -> PinnedSlices:
-        """Pin several slices at once, loading the missing ones in parallel; `with cache.pin_many(keys) as bufs:`."""
-        return self._acquire(tuple(dict.fromkeys(tuple(k) for k in keys)))
+    def pin_many(self, keys: Iterable[SliceKey], prefetch: Iterable[SliceKey] = ()) -> PinnedSlices:
+        """Pin several slices at once, loading the missing ones in parallel; `with cache.pin_many(keys) as bufs:`.
+        `prefetch` keys are queued once `keys` are claimed, behind their loads (see `pin_each`)."""
+        stream = self.pin_each(keys, prefetch)
+        for _ in stream:
+            pass
+        return stream.pinned
 
-    def _acquire(self, keys: tuple[SliceKey, ...]) -> PinnedSlices:
-        start = time.perf_counter()
+    def pin_each(self, keys: Iterable[SliceKey], prefetch: Iterable[SliceKey] = ()) -> "PinStream":
+        """Pin several slices and yield `(key, buffer)` as each becomes ready: resident ones first, then loads in the
+        order they finish, so the caller can compute on some while others are read. Every key is claimed (pinned,
+        or given a slot) before this returns; `prefetch` keys are queued after that, so they never evict `keys`,
+        and behind `keys`' own loads. `with cache.pin_each(keys) as stream: for key, buf in stream: ...`; the
+        stream is a dict of the slices yielded so far, all released on exit."""
+        keys = tuple(dict.fromkeys(tuple(k) for k in keys))
         with self._lock:
             self._check(keys)
             if len(keys) > len(self._slots):
                 raise ExpertPagerError(f"cannot pin {len(keys)} slices at once: the cache has {len(self._slots)} slots")
-            mine = self._claim(keys)
-            waits = [self._loading[k] for k in keys if k in self._loading]
-            self._demand.extend(mine[1:])
-            if len(mine) > 1:
-                self._work.notify(len(mine) - 1)
-        if mine:
-            self._run(mine[0])
-        while True:
-            with self._lock:
-                load = next((l for l in mine[1:] if l in self._demand), None)
-                if load is not None:
-                    self._demand.remove(load)
-            if load is None:
-                break
-            self._run(load)
-        for load in waits:
-            load.done.wait()
-        out = PinnedSlices()
-        errors = []
-        with self._lock:
-            for key in keys:
-                load = next((l for l in waits if l.key == key), None)
-                if load is not None and load.error is not None:
-                    errors.append(load.error)
-                else:
-                    out[key] = (load.slot if load is not None else self._ready[key]).handle
-            if waits:
-                self._stats.add("stall_seconds", waits[0].key, time.perf_counter() - start)
-        if errors:
-            out.release()
-            raise errors[0]
-        return out
+            hits, own, joined = self._claim(keys)
+            self._demand.extend(own)
+            self._work.notify(len(own))
+        self.prefetch(prefetch)
+        return PinStream(self, hits, own, joined)
 
     def _check(self, keys: tuple[SliceKey, ...]) -> None:
         if self._closed:
@@ -250,8 +284,9 @@ class SliceCache:
             if key not in self._plans:
                 raise ExpertPagerError(f"no expert slice {key} in this cache (layer, expert)")
 
-    def _claim(self, keys: tuple[SliceKey, ...]) -> list[_Load]:
-        """Under the lock: pin every key, starting loads for the missing ones once slots for all are found."""
+    def _claim(self, keys: tuple[SliceKey, ...]) -> tuple[list[tuple[SliceKey, SliceBuffer]], list[_Load], list[_Load]]:
+        """Under the lock: pin every key, starting loads for the missing ones once slots for all are found. Returns
+        (resident keys and their buffers, loads started here, loads in flight that these pins joined)."""
         wanted = set(keys)
         deadline = time.monotonic() + self._wait_timeout
         while True:
@@ -276,16 +311,18 @@ class SliceCache:
             self._freed.wait(left)
             self._slot_waiters -= 1
             self._check(keys)
-        mine = []
+        hits, own, joined = [], [], []
         for key in keys:
             slot = self._ready.get(key)
             if slot is not None:
                 self._count["hits"][slot.li] += 1
                 self._touch(key)
+                hits.append((key, slot.handle))
             elif key in self._loading:
                 slot = self._loading[key].slot
                 self._count["joins"][slot.li] += 1
                 self._touch(key)
+                joined.append(self._loading[key])
             else:
                 continue
             slot.pins += 1
@@ -300,8 +337,8 @@ class SliceCache:
             load = self._start(key, slot)
             self._count["misses"][slot.li] += 1
             self._touch(key)
-            mine.append(load)
-        return mine
+            own.append(load)
+        return hits, own, joined
 
     def _place(self, key: SliceKey, allowed: Callable[[SliceKey], bool]) -> _Slot | None:
         """Under the lock: a slot for `key`, evicting an unpinned ready slice that `allowed` lets go if needed."""
@@ -335,6 +372,24 @@ class SliceCache:
                 self._freed.notify_all()
 
     # -- loading -------------------------------------------------------------------------------------------
+
+    def _next_done(self, pending: list[_Load], own: list[_Load]) -> _Load:
+        """Block until one of `pending` has finished and return it; while waiting, run any of `own` (demand loads
+        this caller started) that no worker has taken yet. The time blocked counts as stall time."""
+        start = time.perf_counter()
+        while True:
+            with self._lock:
+                done = next((l for l in pending if l.done.is_set()), None)
+                if done is not None:
+                    self._stats.add("stall_seconds", done.key, time.perf_counter() - start)
+                    return done
+                take = next((l for l in own if l in self._demand), None)
+                if take is not None:
+                    self._demand.remove(take)
+                else:
+                    self._landed.wait()
+            if take is not None:
+                self._run(take)
 
     def _run(self, load: _Load) -> None:
         """Read a slice into its slot (or a staging buffer, then decode it into the slot), verify the bytes read,
@@ -374,6 +429,7 @@ class SliceCache:
                 slot.key, slot.pins, slot.prefetched, slot.handle = None, 0, False, None
             load.error = error
             load.done.set()
+            self._landed.notify_all()
             if self._slot_waiters:
                 self._freed.notify_all()
 

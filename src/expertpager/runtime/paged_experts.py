@@ -98,7 +98,7 @@ class PagedExperts(nn.Module):
         self.dtype = torch.float32
         self.transpose = False  # set by the loader: slices in GGUF's order for a transposed module (see slice_tensors)
         self.chunk = 1  # slices pinned at once when a prefill hits many experts
-        self.on_route = None  # optional callback(layer, expert_ids), once the first chunk is pinned: predictors
+        self.on_route = None  # optional callback(layer, expert_ids) -> slice keys to prefetch, before the first pin
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, paged"
@@ -116,11 +116,12 @@ class PagedExperts(nn.Module):
         # Gating runs once over all rows, as in transformers: elementwise kernels may round differently on fewer rows.
         proj = None
         for i, chunk in enumerate(chunks):
-            with self._pinned(chunk, chunks[i + 1] if i + 1 < len(chunks) else None) as pinned:
-                if i == 0 and self.on_route is not None:
-                    self.on_route(self.layer, hit)
-                weights = self._weights(chunk, pinned)
-                for e in chunk:
+            following = chunks[i + 1] if i + 1 < len(chunks) else []
+            ahead = self.on_route(self.layer, hit) if i == 0 and self.on_route is not None else []
+            with self.cache.pin_each(self._keys(chunk), self._keys(following) + list(ahead)) as stream:
+                weights = {}
+                for (_, e), buf in stream:  # each expert as soon as its slice is ready
+                    weights[e] = self._tensors(e, buf)
                     up = self._project(selected[rows[e]], weights[e], "gate_up")
                     proj = up.new_empty(selected.shape[0], up.shape[-1]) if proj is None else proj
                     proj[rows[e]] = up
@@ -130,24 +131,20 @@ class PagedExperts(nn.Module):
             gated = self._template._apply_gate(proj)
             out = None
             for i, chunk in enumerate(reversed(chunks)):  # newest slices first: they are the ones still cached
-                following = chunks[-i - 2] if i + 2 <= len(chunks) else None
-                with self._pinned(chunk, following) as pinned:
-                    out = self._down(gated, chunk, self._weights(chunk, pinned), rows, out)
+                following = chunks[-i - 2] if i + 2 <= len(chunks) else []
+                with self.cache.pin_many(self._keys(chunk), self._keys(following)) as pinned:
+                    out = self._down(gated, chunk, {e: self._tensors(e, pinned[(self.layer, e)]) for e in chunk}, rows, out)
         weighted = out * sample_weights_g.unsqueeze(-1)
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.size(0))
         return weighted[inv_perm].view(num_tokens, num_top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
-    def _pinned(self, chunk: list[int], following: list[int] | None):
-        """Pin a chunk of this layer's experts and prefetch the next chunk while it computes."""
-        pinned = self.cache.pin_many([(self.layer, e) for e in chunk])
-        if following:
-            self.cache.prefetch([(self.layer, e) for e in following])
-        return pinned
+    def _keys(self, experts: list[int]) -> list[SliceKey]:
+        return [(self.layer, e) for e in experts]
 
-    def _weights(self, chunk: list[int], pinned) -> dict[int, dict[str, torch.Tensor]]:
-        """The tensors of each pinned expert, built once per pin."""
-        return {e: slice_tensors(self.slices[e], pinned[(self.layer, e)].views, self.dtype, self.transpose) for e in chunk}
+    def _tensors(self, expert: int, buf) -> dict[str, torch.Tensor]:
+        """The tensors of one pinned expert, built once per pin."""
+        return slice_tensors(self.slices[expert], buf.views, self.dtype, self.transpose)
 
     def _down(self, gated: torch.Tensor, chunk: list[int], weights: dict, rows: dict, out: torch.Tensor | None) -> torch.Tensor:
         for e in chunk:

@@ -15,7 +15,8 @@ from .predictors import Predictor, Routed
 class Prefetcher:
     """Feeds `predictors` from hooks on `model` (built by `load`): a pre-hook on each post-attention norm keeps
     the last positions' residual stream, a hook on each router keeps their experts and counts a prefill's
-    routing, and the paged experts' `on_route` (called once a layer's slices are pinned) asks the predictors.
+    routing, and the paged experts' `on_route` (called before a layer pins its slices) asks the predictors, whose
+    slices the experts queue with their pin, behind their own loads.
     A layer's predicted slices still queued when the layer routes elsewhere are cancelled."""
 
     def __init__(self, model: PreTrainedModel, predictors: Sequence[Predictor]):
@@ -52,16 +53,17 @@ class Prefetcher:
                 self.counts[pos] += np.bincount(top.reshape(-1).numpy(), minlength=self.counts.shape[1])
         return hook
 
-    def _routed(self, layer: int, hit: list[int]) -> None:
+    def _routed(self, layer: int, hit: list[int]) -> list[SliceKey]:
+        """The slices to prefetch once this layer's are claimed (the paged experts pass them with their pin)."""
         used = {(layer, e) for e in hit}
         stale = self.pending.pop(layer, set()) - used
         if stale:
             self.pager.cancel_prefetches(stale)
         event = Routed(layer, self.experts[layer], self.hidden[layer])
-        keys = [k for p in self.predictors for k in p.routed(event)]
+        keys = list(dict.fromkeys(k for p in self.predictors for k in p.routed(event)))
         for key in keys:
             self.pending.setdefault(key[0], set()).add(key)
-        self.pager.prefetch(dict.fromkeys(keys))
+        return keys
 
     def _forward_done(self, _module, _args, _output) -> None:
         if self.prefill:
