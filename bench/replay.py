@@ -11,8 +11,9 @@ each as soon as it is ready (gate/up, SiLU, down; one thread), as the runtime do
 fewest misses when the same trace is replayed (`simulate`) without prefetch; "best + prefetch" adds the predictor
 (temporal, or next-layer with --model) that replays best with it, its slices queued with the layer's pin, behind
 the layer's own loads. Prefetches still queued when the next layer pins are cancelled, as the runtime does.
-Warm-up tokens run first, untimed, so the timed tokens see a cache in its steady state. Prints a table, then one
-JSON line.
+Warm-up tokens run first, untimed, so the timed tokens see a cache in its steady state. "waits/Belady": pins that
+waited for a read (misses, and joins of a prefetch still in flight) over Belady's misses on the same timed tokens
+(demand paging with the future known, replayed). Prints a table, then one JSON line.
 """
 
 import argparse
@@ -23,7 +24,7 @@ import time
 import torch
 
 from expertpager.model.layout import ExpertSlice, TensorPart
-from expertpager.pager import SliceCache
+from expertpager.pager import SliceCache, replay_steps
 from expertpager.runtime.paged_experts import slice_tensors
 from expertpager.tools.simulate import simulate, trace_steps
 from expertpager.tools.speculation import trace_speculation
@@ -84,7 +85,7 @@ def run(name: str, slices: dict, budget: int, policy: str, steps: list, warmup: 
         tokens = len(steps) // per_token - warmup
         pins = (s.hits + s.joins + s.misses) - (base.hits + base.joins + base.misses)
         return {"mode": name, "policy": policy, "prefetch": prefetch, "tokens_per_s": tokens / seconds,
-                "hit_rate": (s.hits - base.hits) / pins, "mb_read_per_token": (s.bytes_read - base.bytes_read) / tokens / MB,
+                "hit_rate": (s.hits - base.hits) / pins, "waits": (s.misses - base.misses) + (s.joins - base.joins), "mb_read_per_token": (s.bytes_read - base.bytes_read) / tokens / MB,
                 "stall_s": s.stall_seconds - base.stall_seconds, "seconds": seconds, "cache_mb": cache.pool_bytes / MB}
 
 
@@ -133,10 +134,12 @@ def main() -> None:
         ]
     finally:
         os.remove(args.path)
-    print(f"{'mode':<22}{'policy':<8}{'tok/s':>8}{'hit rate':>10}{'MB read/tok':>13}{'stall s':>9}")
+    belady = replay_steps(plain, slot, int(fraction * all_bytes), "belady", k, warmup=args.warmup * len(layers)).misses
+    print(f"Belady (demand only, same timed tokens): {belady} misses")
+    print(f"{'mode':<22}{'policy':<8}{'tok/s':>8}{'hit rate':>10}{'waits/Belady':>14}{'MB read/tok':>13}{'stall s':>9}")
     for r in results:
         print(f"{r['mode']:<22}{r['policy']:<8}{r['tokens_per_s']:>8.2f}{r['hit_rate']:>10.1%}"
-              f"{r['mb_read_per_token']:>13.1f}{r['stall_s']:>9.2f}")
+              f"{r['waits'] / max(belady, 1):>14.2f}{r['mb_read_per_token']:>13.1f}{r['stall_s']:>9.2f}")
     by = {r["mode"].split(" +")[0] if r["prefetch"] else r["mode"]: r for r in results}
     pf = next(r for r in results if r["prefetch"])
     print(json.dumps({
@@ -144,6 +147,7 @@ def main() -> None:
         "best_policy": best, "prefetch": best_pf,
         **{f"{r['mode']}_tok_s".replace(" ", "_").replace("+", ""): round(r["tokens_per_s"], 3) for r in results},
         **{f"{r['mode']}_hit_rate".replace(" ", "_").replace("+", ""): round(r["hit_rate"], 4) for r in results},
+        "belady_misses": belady, **{f"{r['mode']}_waits".replace(" ", "_").replace("+", ""): r["waits"] for r in results},
         "prefetch_vs_resident": round(pf["tokens_per_s"] / by["resident"]["tokens_per_s"], 3),
         "prefetch_vs_no_cache": round(pf["tokens_per_s"] / by["no cache"]["tokens_per_s"], 3),
     }))

@@ -38,6 +38,18 @@ def test_steps_without_prefetch_replay_like_single_pins():
         assert b.misses >= replay_steps(steps, 4096, 12 * 4096, "belady", 2).misses
 
 
+def test_warmup_steps_are_replayed_but_not_counted():
+    trace = skewed_trace(40, 3, 16, 2, seed=2)
+    steps = trace_steps(trace, "temporal")
+    for policy in ("lru", "cycle"):  # online policies: the first steps decide the same with or without the rest
+        full, head = replay_steps(steps, 4096, 12 * 4096, policy, 2), replay_steps(steps[:30], 4096, 12 * 4096, policy, 2)
+        tail = replay_steps(steps, 4096, 12 * 4096, policy, 2, warmup=30)
+        assert (tail.hits, tail.misses, tail.bytes_read) == (full.hits - head.hits, full.misses - head.misses,
+                                                             full.bytes_read - head.bytes_read)
+        assert tail.prefetch_issued == full.prefetch_issued - head.prefetch_issued
+    assert replay_steps(steps, 4096, 12 * 4096, "belady", 2, warmup=len(steps)).misses == 0
+
+
 def test_perfect_prefetch_leaves_only_first_use_misses():
     keys = [[(0, 0), (0, 1)], [(1, 2), (1, 3)], [(0, 4), (0, 5)], [(1, 6), (1, 7)]]
     steps = [Step(tuple(k), tuple(keys[i + 1]) if i + 1 < len(keys) else ()) for i, k in enumerate(keys)]

@@ -65,9 +65,11 @@ def replay_steps(
     budget: int,
     policy: "str | Policy" = "lru",
     min_pinned: int = 1,
+    warmup: int = 0,
 ) -> ReplayResult:
     """`replay` of steps: each pins its keys together, as the live cache's `pin_many` does, then queues its
-    prefetches, which may evict anything but the held keys; a prefetched slice counts a hit when used."""
+    prefetches, which may evict anything but the held keys; a prefetched slice counts a hit when used. The first
+    `warmup` steps are replayed but not counted."""
     trace = [k for step in steps for k in step.keys]
     if isinstance(slices, int):
         slices = dict.fromkeys(_all_keys(steps), slices)
@@ -80,7 +82,10 @@ def replay_steps(
     book = Residency(needs, slot_sizes, pol)
     stats = Stats(needs.keys())
     prefetched: set[SliceKey] = set()
-    for step in steps:
+    base = None
+    for i, step in enumerate(steps):
+        if i == warmup:
+            base = stats.snapshot()
         held = set(step.keys)
         for key in step.keys:
             if key in book.slot_of:
@@ -98,8 +103,10 @@ def replay_steps(
                 prefetched.add(key)
                 stats.add("prefetch_issued", key)
     snap = stats.snapshot()
-    return ReplayResult(pol.name, snap.hits, snap.misses, snap.bytes_read, len(slot_sizes),
-                        snap.prefetch_issued, snap.prefetch_hits)
+    base = base or snap
+    return ReplayResult(pol.name, snap.hits - base.hits, snap.misses - base.misses, snap.bytes_read - base.bytes_read,
+                        len(slot_sizes), snap.prefetch_issued - base.prefetch_issued,
+                        snap.prefetch_hits - base.prefetch_hits)
 
 
 def _all_keys(steps: Iterable[Step]) -> list[SliceKey]:
