@@ -119,6 +119,22 @@ def test_cycle_policy_beats_lru_on_moe_routing(fraction):
     assert hits["belady"] >= max(hits.values())
 
 
+def test_cycle_keeps_a_prefetch_until_its_turn_then_drops_it_first():
+    pol = make_policy("cycle")
+    keys = [(l, e) for l in (0, 1) for e in range(4)]
+    pol.start(keys)
+    for key in [(0, 0), (0, 1), (1, 0), (1, 1)]:  # token 0
+        pol.admit(key)
+        pol.touch(key)
+    pol.touch((0, 0))  # token 1, layer 0
+    pol.admit((1, 3))  # prefetched for layer 1, never used before
+    assert pol.victim(lambda k: True) != (1, 3)
+    assert pol.victim(lambda k: k[0] == 1) != (1, 3)  # not even against slices used a token ago
+    pol.touch((1, 0))  # layer 1's turn passes without it
+    pol.touch((0, 0))  # token 2
+    assert pol.victim(lambda k: True) == (1, 3)
+
+
 def test_replay_matches_the_live_cache(tmp_path):
     """The same slot plan, bookkeeping and policy code: replay and SliceCache count the same hits and misses."""
     slices, _ = write_model(tmp_path, layers=3, experts=6)

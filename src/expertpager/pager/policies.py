@@ -152,6 +152,10 @@ class LayerCycle(Policy):
     exponentially decayed count of the tokens that used it (p, kept across evictions, so a hot slice that was
     evicted is remembered). Expected distance = d(l) + n * (1/p - 1). Plain LRU instead evicts exactly the
     slices of the layer about to run (they are the oldest), the worst choice for a cyclic scan.
+
+    A slice admitted but not yet used (a prefetch) is expected at its layer's next turn (p = 1) and counts no use
+    until it is touched; if its layer's turn passes without a touch it falls back to its own count, so a
+    mispredicted prefetch is soon evicted and a correct one is never evicted before it is used.
     """
 
     name = "cycle"
@@ -166,7 +170,7 @@ class LayerCycle(Policy):
         self.weight: dict[SliceKey, float] = {}  # sum of scale at each use; p = alpha * weight / scale
         self.last: dict[SliceKey, int] = {}  # token of the last counted use
         self.prio: dict[SliceKey, tuple[float, int]] = {}
-        self.fresh: set[SliceKey] = set()
+        self.waiting: dict[SliceKey, tuple[int, int]] = {}  # admitted, not yet used: (token, position) of its turn
         self.heaps: dict[int, _LazyHeap] = {}
         self.members: dict[int, set[SliceKey]] = {}
         self.tick = itertools.count()
@@ -182,29 +186,31 @@ class LayerCycle(Policy):
             self.heaps[layer], self.members[layer] = _LazyHeap(), set()
         return self.pos[layer]
 
-    def _count(self, key: SliceKey) -> None:
-        if self.last.get(key) != self.token:
-            self.last[key] = self.token
-            self.weight[key] = self.weight.get(key, 0.0) + self.scale
-        p = (self.weight[key], next(self.tick))
+    def _set(self, key: SliceKey, weight: float) -> None:
+        p = (weight, next(self.tick))
         self.prio[key] = p
         self.heaps[key[0]].push(p, key)
 
     def admit(self, key: SliceKey) -> None:
-        self._layer(key[0])
+        at = self._layer(key[0])
         self.members[key[0]].add(key)
-        self.fresh.add(key)
-        self._count(key)
+        self.waiting[key] = (self.token + (at <= self.cur), at)
+        self._set(key, math.inf)
 
     def touch(self, key: SliceKey) -> None:
         at = self._layer(key[0])
         if at < self.cur:
             self._next_token()
         self.cur = at
-        if key in self.fresh:
-            self.fresh.discard(key)
-            return
-        self._count(key)
+        self.waiting.pop(key, None)
+        for k, turn in list(self.waiting.items()):
+            if (self.token, at) > turn:  # its layer's turn passed unused
+                del self.waiting[k]
+                self._set(k, self.weight.get(k, 0.0))
+        if self.last.get(key) != self.token:
+            self.last[key] = self.token
+            self.weight[key] = self.weight.get(key, 0.0) + self.scale
+        self._set(key, self.weight[key])
         self.heaps[key[0]].compact(self.prio, self.members[key[0]])
 
     def _next_token(self) -> None:
@@ -213,14 +219,14 @@ class LayerCycle(Policy):
         if self.scale > 1e100:
             self.weight = {k: w / self.scale for k, w in self.weight.items()}
             self.scale = 1.0
-            self.prio = {k: (self.weight[k], t) for k, (_, t) in self.prio.items()}
+            self.prio = {k: (w if k in self.waiting else self.weight.get(k, 0.0), t) for k, (w, t) in self.prio.items()}
             for layer, heap in self.heaps.items():
                 heap.rebuild(self.prio, self.members[layer])
 
     def remove(self, key: SliceKey) -> None:
         del self.prio[key]
         self.members[key[0]].discard(key)
-        self.fresh.discard(key)
+        self.waiting.pop(key, None)
 
     def victim(self, evictable: Evictable) -> SliceKey | None:
         n = len(self.pos)
@@ -231,7 +237,7 @@ class LayerCycle(Policy):
             found = heap.first(self.prio, evictable)
             if found is None:
                 continue
-            p = max(self.alpha * found[0][0] / self.scale, 1e-9)
+            p = min(max(self.alpha * found[0][0] / self.scale, 1e-9), 1.0)
             score = (self.pos[layer] - self.cur - 1) % n + 1 + n * (1 / p - 1)
             if score > best_score:
                 best, best_score = found[1], score
