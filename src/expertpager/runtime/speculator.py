@@ -65,6 +65,9 @@ def save_speculator(spec: Speculator, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates its files private; give it a normal file's mode
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
