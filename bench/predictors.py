@@ -3,13 +3,15 @@
     PYTHONPATH=src python bench/predictors.py [--model DIR] [--code FILE] [--prose FILE] [--tokens 2048]
 
 1. Quality: the model runs over each text (windows of 256, the runtime's dtype) with hooks; next-layer
-   speculation (the runtime's `speculate`: layer l+d's norm and router on layer l's residual stream) is scored
-   against the experts layer l+d then picks, for d = 1, 2, 3, top-k and top-(k+extra); temporal reuse is the share
-   of a token's experts the previous token used in the same layer. Recall = share of the needed slices that
-   were predicted; precision = share of predicted slices that were needed.
+   speculation (the runtime's `speculate`: layer l+d's norm and router on layer l's residual stream, "plain", or
+   the model's fitted speculator map for (l+d, d), "fitted", when the model folder has speculator.safetensors)
+   is scored against the experts layer l+d then picks, for d = 1, 2, 3, top-k and top-(k+extra); temporal reuse
+   is the share of a token's experts the previous token used in the same layer. Recall = share of the needed
+   slices that were predicted; precision = share of predicted slices that were needed.
 2. Live decode: a paged model (cache 25%, io=direct) prefills a 64-token prompt from the second half of each
-   text and greedily decodes 32 tokens, with each predictor setting; the decode's hit rate counts pins served
-   from memory (joins wait on a load in flight). Domain profiles are built from the first half of each text.
+   text and greedily decodes 32 tokens, with each predictor setting ("next-layer" uses the fitted speculator
+   when there is one, "next-layer (plain)" the routers); the decode's hit rate counts pins served from memory
+   (joins wait on a load in flight). Domain profiles are built from the first half of each text.
 Prints tables, then one JSON line.
 """
 
@@ -25,43 +27,58 @@ from expertpager.model.demo import demo_model_path
 from expertpager.runner import load_tokenizer
 from expertpager.runtime.generate import generate
 from expertpager.runtime.load import load
+from expertpager.runtime.moe_layers import moe_layers
 from expertpager.runtime.profiles import save_profile
+from expertpager.runtime.speculator import find_speculator
 from expertpager.tools.profile import build_profile
 from expertpager.tools.routing_stats import next_token_reuse
 from expertpager.tools.speculation import recall_precision, speculation
 from expertpager.tools.trace import Trace
 
-SETTINGS = ["none", "temporal", "next-layer", "next-layer+4", "domain", "next-layer,temporal,domain"]
+SETTINGS = [("none", "none", False), ("temporal", "temporal", False), ("next-layer (plain)", "next-layer", False),
+            ("next-layer", "next-layer", None), ("next-layer+4 (plain)", "next-layer+4", False),
+            ("next-layer+4", "next-layer+4", None), ("domain", "domain", False),
+            ("next-layer,temporal,domain", "next-layer,temporal,domain", None)]  # (label, predictors, speculator)
 
 
-def quality(model, ids: list[int], extra: int) -> dict:
+def quality(model, ids: list[int], extra: int, speculator=None) -> dict:
     """Per-layer recall/precision by look-ahead distance, top-k and top-(k+extra), and temporal reuse."""
-    actual, predicted = speculation(model, np.array(ids), lookahead=3, extra=extra)
+    actual, predicted = speculation(model, np.array(ids), lookahead=3, extra=extra, speculator=speculator)
     k = actual.shape[-1]
     recall, precision = recall_precision(actual, predicted[..., :k])
-    wide_recall, wide_precision = recall_precision(actual, predicted[:, :, :1])
+    wide_recall, wide_precision = recall_precision(actual, predicted)
     reuse = next_token_reuse(Trace(actual, np.zeros(actual.shape, np.float32), np.arange(actual.shape[1]),
                                    np.array(ids), model.config.num_experts))
-    return {"recall": recall, "precision": precision, "wide_recall": wide_recall[:, 0],
-            "wide_precision": wide_precision[:, 0], "temporal": reuse}
+    return {"recall": recall, "precision": precision, "wide_recall": wide_recall,
+            "wide_precision": wide_precision, "temporal": reuse}
+
+
+def summary(q: dict) -> dict:
+    """Means over target layers, per distance."""
+    mean = lambda a: [round(float(np.nanmean(a[:, d])), 4) for d in range(a.shape[1])]
+    return {"next_layer_recall": mean(q["recall"]), "next_layer_precision": mean(q["precision"]),
+            "wide_recall": mean(q["wide_recall"]), "wide_precision": mean(q["wide_precision"]),
+            "d1_recall_by_layer": [None if np.isnan(x) else round(float(x), 4) for x in q["recall"][:, 0]],
+            "d1_wide_recall_by_layer": [None if np.isnan(x) else round(float(x), 4) for x in q["wide_recall"][:, 0]],
+            "temporal": round(float(q["temporal"].mean()), 4)}
 
 
 def print_quality(name: str, q: dict, k: int, extra: int) -> None:
-    print(f"\n{name}: next-layer speculation and temporal reuse (k={k}, wide = top-{k + extra})")
+    print(f"\n{name}: next-layer speculation and temporal reuse (k={k}, wide = top-{k + extra}, d=1)")
     print(f"{'layer':>5} | {'d=1 rec':>8} {'d=1 prec':>8} | {'d=2 rec':>8} | {'d=3 rec':>8} | "
           f"{'wide rec':>8} {'wide prec':>9} | {'temporal':>8}")
     fmt = lambda x: "     -  " if np.isnan(x) else f"{x:8.3f}"
     for m in range(len(q["temporal"])):
         print(f"{m:>5} | {fmt(q['recall'][m, 0])} {fmt(q['precision'][m, 0])} | {fmt(q['recall'][m, 1])} | "
-              f"{fmt(q['recall'][m, 2])} | {fmt(q['wide_recall'][m])} {fmt(q['wide_precision'][m])}  | {q['temporal'][m]:8.3f}")
+              f"{fmt(q['recall'][m, 2])} | {fmt(q['wide_recall'][m, 0])} {fmt(q['wide_precision'][m, 0])}  | {q['temporal'][m]:8.3f}")
     means = [np.nanmean(q["recall"][:, d]) for d in range(3)]
     print(f"{'mean':>5} | {means[0]:8.3f} {np.nanmean(q['precision'][:, 0]):8.3f} | {means[1]:8.3f} | {means[2]:8.3f} | "
-          f"{np.nanmean(q['wide_recall']):8.3f} {np.nanmean(q['wide_precision']):8.3f}  | {q['temporal'].mean():8.3f}")
+          f"{np.nanmean(q['wide_recall'][:, 0]):8.3f} {np.nanmean(q['wide_precision'][:, 0]):8.3f}  | {q['temporal'].mean():8.3f}")
 
 
-def decode_hits(ref: str, prompt: list[int], setting: str, profiles: str, cache: str, policy: str) -> dict:
+def decode_hits(ref: str, prompt: list[int], setting: str, speculator, profiles: str, cache: str, policy: str) -> dict:
     """Greedy-decode 32 tokens after `prompt` on a fresh paged model; counts during the decode only."""
-    model = load(ref, cache=cache, policy=policy, io="direct", predictors=setting, profiles=profiles)
+    model = load(ref, cache=cache, policy=policy, io="direct", predictors=setting, profiles=profiles, speculator=speculator)
     after_prefill = []
     generate(model, prompt, 33, on_token=lambda _t: after_prefill.append(model.pager.stats_snapshot()) if not after_prefill else None)
     end, start = model.pager.stats_snapshot(), after_prefill[0]
@@ -91,30 +108,32 @@ def main() -> None:
     ids = {name: tok(text)["input_ids"] for name, text in texts.items()}
     resident = load(args.model)
     k = resident.config.num_experts_per_tok
-    out = {"bench": "predictors", "model": args.model, "k": k, "extra": args.extra}
+    fitted = find_speculator(args.model, None, [l.index for l in moe_layers(resident)], resident.config.hidden_size,
+                             resident.config.num_experts)
+    out = {"bench": "predictors", "model": args.model, "k": k, "extra": args.extra,
+           "speculator": str(fitted.path) if fitted else None}
     for name, seq in ids.items():
-        q = quality(resident, seq[:args.tokens], args.extra)
-        print_quality(name, q, k, args.extra)
-        out[name] = {"next_layer_recall": [round(float(np.nanmean(q["recall"][:, d])), 4) for d in range(3)],
-                     "next_layer_precision": [round(float(np.nanmean(q["precision"][:, d])), 4) for d in range(3)],
-                     "wide_recall": round(float(np.nanmean(q["wide_recall"])), 4),
-                     "wide_precision": round(float(np.nanmean(q["wide_precision"])), 4),
-                     "temporal": round(float(q["temporal"].mean()), 4)}
+        out[name] = {}
+        for kind, spec in (("plain", None), ("fitted", fitted)) if fitted else (("plain", None),):
+            q = quality(resident, seq[:args.tokens], args.extra, spec)
+            print_quality(f"{name}, {kind}", q, k, args.extra)
+            out[name][kind] = summary(q)
     with tempfile.TemporaryDirectory() as profiles:
         for name, seq in ids.items():
             save_profile(build_profile(resident, seq[:len(seq) // 2][:4096], name, args.model), Path(profiles) / f"{name}.json")
         resident.pager.close()
-        live: dict[str, dict] = {s: {"hits": 0, "joins": 0, "misses": 0, "pins": 0, "prefetch_issued": 0, "right_domain": 0}
-                                 for s in SETTINGS}
+        settings = [s for s in SETTINGS if fitted or s[2] is False]
+        live: dict[str, dict] = {s[0]: {"hits": 0, "joins": 0, "misses": 0, "pins": 0, "prefetch_issued": 0, "right_domain": 0}
+                                 for s in settings}
         for name, seq in ids.items():
             half = seq[len(seq) // 2:]
             for i in range(args.prompts):
                 prompt = half[i * len(half) // args.prompts:][:64]
-                for setting in SETTINGS:
-                    r = decode_hits(args.model, prompt, setting, profiles, args.cache, args.policy)
+                for label, setting, speculator in settings:
+                    r = decode_hits(args.model, prompt, setting, speculator, profiles, args.cache, args.policy)
                     for key in ("hits", "joins", "misses", "pins", "prefetch_issued"):
-                        live[setting][key] += r[key]
-                    live[setting]["right_domain"] += r["chosen"] == name
+                        live[label][key] += r[key]
+                    live[label]["right_domain"] += r["chosen"] == name
     n = 2 * args.prompts
     print(f"\nlive decode, first 32 tokens after a 64-token prompt, cache {args.cache}, {args.policy}, {n} prompts")
     print(f"{'predictors':<28}{'hit rate':>9}{'joins':>7}{'misses':>8}{'prefetches':>11}{'domain right':>13}")

@@ -107,6 +107,7 @@ def run(
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Load the next chunk of experts while one computes."),
     predictor: str = typer.Option(None, "--predictor", help="Prefetch predictors, comma-separated: next-layer[:AHEAD][+EXTRA] (e.g. next-layer+4), temporal, domain."),
     profiles: str = typer.Option(None, "--profiles", help="Folder of domain profiles for --predictor domain (see `expertpager profile`)."),
+    speculator: str = typer.Option(None, "--speculator", help="Fitted maps for --predictor next-layer (see `expertpager calibrate`): a .safetensors file, or none for the plain routers; default: the model folder's speculator.safetensors when present."),
     resident: bool = typer.Option(False, "--resident", help="Run the same model fully in memory with plain transformers."),
     compare: bool = typer.Option(False, "--compare", help="Run fully resident and paged, one after the other, and show both."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
@@ -124,7 +125,7 @@ def run(
     ref = model or str(demo_model_path())
     tokenizer = load_tokenizer(read_layout(ref).path)
     options = dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io, expert_cache=expert_cache,
-                   predictors=predictor, profiles=profiles)
+                   predictors=predictor, profiles=profiles, speculator=False if speculator == "none" else speculator)
     if chat:
         _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed)
         return
@@ -193,6 +194,65 @@ def _fractions(text: str) -> list[float]:
         return [float(x.strip().rstrip("%")) / 100 for x in text.split(",") if x.strip()]
     except ValueError:
         raise ExpertPagerError(f"--cache must be percentages such as 10%,25%,50%, got {text!r}") from None
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Argument(..., help="Model to fit a speculator for (folder, .gguf or cached org/name)."),
+    inputs: list[str] = typer.Option(..., "--input", help="Calibration text file (repeatable); not the text you evaluate on."),
+    output: str = typer.Option(None, "--output", "-o", help="Where to write (default: speculator.safetensors in the model folder)."),
+    ahead: int = typer.Option(1, "--ahead", min=1, help="Fit look-ahead distances 1..N (next-layer:N uses them)."),
+    shrink: float = typer.Option(1e-3, "--shrink", min=0.0, help="Ridge strength toward the plain router, relative to the data."),
+    max_tokens: int = typer.Option(None, "--max-tokens", min=2, help="Use at most this many tokens of each file."),
+    cache: str = typer.Option(None, "--cache", help="Expert cache while calibrating, bytes or a percentage (default: every slice fits)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Fit next-layer speculation to a model: per MoE layer, a linear map from the previous layer's residual stream
+    to its router logits (ridge regression on calibration text), used by --predictor next-layer when present."""
+    import numpy as np
+
+    from .model.read_layout import read_layout
+    from .runner import load_tokenizer
+    from .runtime.load import load
+    from .runtime.speculator import default_speculator_path, save_speculator
+    from .tools.calibrate import calibrate as fit, windows
+    from .tools.progress import progress_bar
+    from .tools.speculation import recall_precision, speculation
+
+    layout = read_layout(model)
+    tokenizer = load_tokenizer(layout.path)
+    if tokenizer is None:
+        raise ExpertPagerError(f"{model}: calibrating on text needs a tokenizer")
+    ids: list[int] = []
+    for name in inputs:
+        try:
+            text = Path(name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ExpertPagerError(f"{name}: cannot read ({e})") from None
+        tokens = tokenizer(text)["input_ids"][:max_tokens]
+        if len(tokens) < 2:
+            raise ExpertPagerError(f"{name}: no text to calibrate on")
+        ids += tokens
+    path = Path(output) if output else default_speculator_path(layout.path)
+    if not path.parent.is_dir():
+        raise ExpertPagerError(f"{path}: its folder does not exist")
+    m = load(model, cache=cache)
+    with progress_bar("calibrating", windows(len(ids)), enabled=not json_out) as advance:
+        spec = fit(m, ids, ahead=ahead, shrink=shrink, on_window=advance)
+    sample = np.array(ids[:4096])
+    actual, plain = speculation(m, sample, lookahead=1)
+    fitted = speculation(m, sample, lookahead=1, speculator=spec)[1]
+    m.pager.close()
+    save_speculator(spec, path)
+    rec = {name: float(np.nanmean(recall_precision(actual, p)[0][:, 0])) for name, p in (("plain", plain), ("fitted", fitted))}
+    info = {"speculator": str(path), "tokens": len(ids), "ahead": spec.ahead, "layers": spec.layers,
+            "recall_plain": round(rec["plain"], 4), "recall_fitted": round(rec["fitted"], 4), "recall_tokens": len(sample)}
+    if json_out:
+        print(json.dumps(info))
+        return
+    console.print(f"speculator for {len(spec.layers)} MoE layers, distances {spec.ahead}, from {len(ids):,} tokens -> {path}")
+    console.print(f"one layer ahead, on the first {len(sample):,} calibration tokens: recall {rec['plain']:.3f} (plain router) "
+                  f"-> {rec['fitted']:.3f} (fitted)")
 
 
 @app.command()

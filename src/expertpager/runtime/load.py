@@ -19,8 +19,10 @@ from ..pager.decode import staging_bytes
 from ..sizes import parse_size
 from .gguf_model import build_gguf_model, gguf_dtype
 from .paged_experts import DTYPE_NAMES, PagedExperts, dequantizer
+from .moe_layers import moe_layers
 from .predictors import Predictor, make_predictors
 from .prefetcher import Prefetcher
+from .speculator import Speculator, find_speculator
 
 EXPERT_CACHES = ("dequantized", "raw")
 DEFAULT_EXPERT_CACHE = EXPERT_CACHES[0]
@@ -124,14 +126,17 @@ def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int 
 def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str | int | None = None,
          policy: str = "lru", prefetch: bool = True, io: str = "auto", threads: int = 4,
          dtype: torch.dtype | str = "auto", expert_cache: str = DEFAULT_EXPERT_CACHE,
-         predictors: "str | Sequence[str | Predictor] | None" = None, profiles: str | Path | None = None) -> PreTrainedModel:
+         predictors: "str | Sequence[str | Predictor] | None" = None, profiles: str | Path | None = None,
+         speculator: "str | Path | Speculator | bool | None" = None) -> PreTrainedModel:
     """A transformers causal LM for `model_ref` with paged experts; `model.pager` is its SliceCache.
 
     max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
     directly, bytes or a percentage of all expert bytes as stored ('25%'); neither: every slice fits.
     expert_cache: "dequantized" or "raw", what the cache holds for quantized slices (see EXPERT_CACHES).
     predictors: 'next-layer,temporal,domain' or Predictor instances, fed by `model.prefetcher`; profiles: the
-    domain predictor's folder."""
+    domain predictor's folder. speculator: the fitted maps next-layer prediction uses: None (default) the model
+    folder's `speculator.safetensors` when there is one, a path to such a file, or False for the plain routers;
+    `model.speculator` is the one in use."""
     layout = read_layout(model_ref)
     dtype = compute_dtype(layout, dtype)
     decoder, served = expert_tier(layout, expert_cache, dtype)
@@ -160,6 +165,10 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     model.pager = pager
     model.layout = layout
     model.memory_plan = plan
-    chosen = make_predictors(predictors, profiles)
+    model.speculator = None
+    if predictors or speculator not in (None, False):
+        model.speculator = find_speculator(layout.path, speculator, [l.index for l in moe_layers(model)],
+                                           model.config.hidden_size, layout.num_experts)
+    chosen = make_predictors(predictors, profiles, model.speculator)
     model.prefetcher = Prefetcher(model, chosen) if chosen else None
     return model

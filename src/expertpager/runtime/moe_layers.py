@@ -30,13 +30,26 @@ def moe_layers(model: nn.Module) -> list[MoeLayer]:
     return sorted(out, key=lambda l: l.index)
 
 
-def speculate(layer: MoeLayer, hidden: torch.Tensor, extra: int = 0) -> torch.Tensor:
+def speculate(layer: MoeLayer, hidden: torch.Tensor, extra: int = 0,
+              fitted: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The experts `layer` would pick for `hidden` [N, H], taken from an earlier layer's residual stream: its own
-    norm and router applied to it (both called through `forward`, so no hooks fire). Returns [N, k + extra]: the
-    router's top-k, then the next `extra` experts by router logit."""
+    norm and router applied to it (both called through `forward`, so no hooks fire), or with `fitted` (weight
+    [E, H], bias [E] from a Speculator) the fitted logits of the RMS-normalised `hidden` in place of both.
+    Returns [N, k + extra]: the top-k, then the next `extra` experts by logit."""
+    if fitted is not None:
+        weight, bias = fitted
+        logits = torch.addmm(bias, rms_normalize(hidden.reshape(hidden.shape[0], -1)), weight.T)
+        return logits.topk(layer.router.top_k + extra, dim=-1).indices
     logits, _, index = layer.router.forward(layer.norm.forward(hidden))
     index = index.reshape(hidden.shape[0], -1)
     if not extra:
         return index
     logits = logits.reshape(hidden.shape[0], -1).float().scatter(1, index, float("-inf"))
     return torch.cat([index, logits.topk(extra, dim=-1).indices], dim=1)
+
+
+def rms_normalize(hidden: torch.Tensor) -> torch.Tensor:
+    """`hidden` [N, H] in float32 divided by its root mean square: a residual stream as an RMSNorm sees it, before
+    the norm's gain (the input of a fitted speculator's maps, which carry the gain themselves)."""
+    x = hidden.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)

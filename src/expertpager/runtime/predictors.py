@@ -17,6 +17,7 @@ from ..errors import ExpertPagerError
 from ..model.layout import SliceKey
 from .moe_layers import MoeLayer, speculate
 from .profiles import Profile, closest, default_profiles_dir, load_profiles
+from .speculator import Speculator
 
 
 @dataclass
@@ -46,12 +47,14 @@ class NextLayer(Predictor):
     """Speculative routing: layers l+1..l+lookahead's norm and router applied to layer l's residual stream.
 
     An approximation: the residual stream changes little from one layer to the next, so the next router mostly
-    picks the same experts from it as from its own input. `extra` adds the next-best experts by router logit."""
+    picks the same experts from it as from its own input. With a `speculator` (fitted on calibration text, see
+    runtime/speculator.py) its map for (target layer, distance) replaces the router where it has one. `extra` adds
+    the next-best experts by logit."""
 
     name = "next-layer"
 
-    def __init__(self, lookahead: int = 1, extra: int = 0):
-        self.lookahead, self.extra = lookahead, extra
+    def __init__(self, lookahead: int = 1, extra: int = 0, speculator: Speculator | None = None):
+        self.lookahead, self.extra, self.speculator = lookahead, extra, speculator
 
     def start(self, layers: list[MoeLayer], num_experts: int, slots: int) -> None:
         super().start(layers, num_experts, slots)
@@ -60,8 +63,9 @@ class NextLayer(Predictor):
     def routed(self, event: Routed) -> list[SliceKey]:
         at = self.position[event.layer]
         keys: list[SliceKey] = []
-        for target in self.layers[at + 1: at + 1 + self.lookahead]:
-            experts = speculate(target, event.hidden, self.extra).reshape(-1).tolist()
+        for d, target in enumerate(self.layers[at + 1: at + 1 + self.lookahead], 1):
+            fitted = self.speculator.get(target.index, d) if self.speculator else None
+            experts = speculate(target, event.hidden, self.extra, fitted).reshape(-1).tolist()
             keys += [(target.index, e) for e in dict.fromkeys(experts)]
         return keys
 
@@ -114,9 +118,11 @@ class Domain(Predictor):
 NEXT_LAYER = re.compile(r"next-layer(?::(\d+))?(?:\+(\d+))?$")
 
 
-def make_predictors(spec: "str | Sequence[str | Predictor] | None", profiles: str | Path | None = None) -> list[Predictor]:
+def make_predictors(spec: "str | Sequence[str | Predictor] | None", profiles: str | Path | None = None,
+                    speculator: Speculator | None = None) -> list[Predictor]:
     """Predictors from names ('next-layer,temporal,domain'; 'next-layer:2+4' looks 2 layers ahead with 4 extra
-    experts; 'none' or None for none) or instances; `profiles` is the domain predictor's folder."""
+    experts; 'none' or None for none) or instances; `profiles` is the domain predictor's folder, `speculator` the
+    fitted maps next-layer predictors made from names use (None: the plain routers)."""
     if spec is None:
         return []
     items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
@@ -128,7 +134,7 @@ def make_predictors(spec: "str | Sequence[str | Predictor] | None", profiles: st
         elif item == "none":
             continue
         elif nl:
-            out.append(NextLayer(int(nl.group(1) or 1), int(nl.group(2) or 0)))
+            out.append(NextLayer(int(nl.group(1) or 1), int(nl.group(2) or 0), speculator))
         elif item == "temporal":
             out.append(Temporal())
         elif item == "domain":

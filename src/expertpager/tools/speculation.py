@@ -8,15 +8,17 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from ..errors import ExpertPagerError
 from ..model.read_layout import read_layout
 from ..runtime.moe_layers import moe_layers, speculate
+from ..runtime.speculator import Speculator, find_speculator
 from .trace import Trace
 
 
 @torch.inference_mode()
 def speculation(model: PreTrainedModel, tokens: np.ndarray, lookahead: int = 3, extra: int = 0,
-                chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                chunk: int = 256, speculator: Speculator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Run `model` over `tokens` in independent windows of `chunk` (as `record_trace` does) and return
     (actual int64 [T, M, k], predicted int64 [T, M, lookahead, k + extra]): predicted[t, m, d-1] is layer m+d's
-    router applied to layer m's residual stream, -1 past the last layer."""
+    router (or `speculator`'s fitted map, where it has one) applied to layer m's residual stream, -1 past the
+    last layer."""
     layers = moe_layers(model)
     hidden: dict[int, torch.Tensor] = {}
     routed: dict[int, torch.Tensor] = {}
@@ -37,7 +39,8 @@ def speculation(model: PreTrainedModel, tokens: np.ndarray, lookahead: int = 3, 
                 h = hidden[i].reshape(n, -1)
                 for d in range(1, lookahead + 1):
                     if i + d < len(layers):
-                        guess[:, i, d - 1] = speculate(layers[i + d], h, extra)
+                        fitted = speculator.get(layers[i + d].index, d) if speculator else None
+                        guess[:, i, d - 1] = speculate(layers[i + d], h, extra, fitted)
             predicted.append(guess)
     finally:
         for h in handles:
@@ -66,13 +69,17 @@ def recall_precision(actual: np.ndarray, predicted: np.ndarray) -> tuple[np.ndar
 
 def trace_speculation(model_ref: str, traces: dict[str, Trace]) -> dict[str, np.ndarray]:
     """One-layer-ahead predictions for each trace's tokens, from the model in its stored dtype or else float32
-    (the dtype traces are often recorded in), whichever reproduces the trace's own routing."""
-    path = read_layout(model_ref).path
+    (the dtype traces are often recorded in), whichever reproduces the trace's own routing; with the fitted maps
+    of the model folder's speculator when it has one, as the runtime's next-layer predictor does."""
+    layout = read_layout(model_ref)
+    path = layout.path
     out = {}
     for dtype in ("auto", torch.float32):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        fitted = find_speculator(path, None, [l.index for l in moe_layers(model)], model.config.hidden_size,
+                                 layout.num_experts)
         for name, trace in traces.items():
-            actual, predicted = speculation(model, trace.tokens, lookahead=1)
+            actual, predicted = speculation(model, trace.tokens, lookahead=1, speculator=fitted)
             if name not in out and np.array_equal(np.sort(actual, -1), np.sort(trace.experts.astype(np.int64), -1)):
                 out[name] = predicted
         if len(out) == len(traces):
