@@ -31,7 +31,7 @@ def profile_for(folder, name: str, hot: list[int]) -> Profile:
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
-@pytest.mark.parametrize("spec", ["next-layer", "temporal", "domain", "next-layer:2+2,temporal,domain"])
+@pytest.mark.parametrize("spec", ["next-layer", "next-layer-1", "temporal", "domain", "next-layer:2+2,temporal,domain"])
 def test_predictors_do_not_change_logits(tiny, tmp_path, arch, spec):
     folder = tiny[arch]
     save_profile(profile_for(folder, "hot01", [0, 1]), tmp_path / "hot01.json")
@@ -52,6 +52,9 @@ def test_next_layer_lookahead_and_extra(tiny):
     top = speculate(layers[1], hidden)
     wider = speculate(layers[1], hidden, extra=2)
     assert top.shape == (3, 2) and wider.shape == (3, 4) and torch.equal(wider[:, :2], top)
+    logits = layers[1].router.forward(layers[1].norm.forward(hidden))[0].reshape(3, -1)
+    best = speculate(layers[1], hidden, extra=-1)
+    assert best.shape == (3, 1) and torch.equal(best[:, 0], logits.argmax(-1))
     assert all(len(set(row)) == 4 for row in wider.tolist())
     p = NextLayer(lookahead=2)
     p.start(layers, 8, 16)
@@ -97,8 +100,16 @@ def test_unknown_predictor():
     with pytest.raises(ExpertPagerError, match="unknown predictor"):
         make_predictors("next-layer,psychic")
     assert make_predictors("none") == [] and make_predictors(None) == []
-    wide, plain = make_predictors("next-layer:2+4,next-layer")
-    assert (wide.lookahead, wide.extra, plain.lookahead, plain.extra) == (2, 4, 1, 0)
+    wide, plain, narrow = make_predictors("next-layer:2+4,next-layer,next-layer-1")
+    assert (wide.lookahead, wide.extra, plain.lookahead, plain.extra, narrow.extra) == (2, 4, 1, 0, -1)
+    with pytest.raises(ExpertPagerError, match="look ahead at least 1"):
+        make_predictors("next-layer:0")
+
+
+def test_next_layer_cannot_predict_fewer_than_one_expert(tiny):
+    layers = moe_layers(AutoModelForCausalLM.from_pretrained(tiny["qwen3_moe"]))
+    with pytest.raises(ExpertPagerError, match="routes to 2 of 8 experts, so it cannot predict 0"):
+        make_predictors("next-layer-2")[0].start(layers, 8, 16)
 
 
 def test_next_layer_speculation_on_the_demo_model_beats_chance():

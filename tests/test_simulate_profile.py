@@ -86,8 +86,14 @@ def test_next_layer_simulation_uses_the_model(tmp_path, tiny):
     assert np.isnan(recall[0]).all() and 0 <= np.nanmin(recall) and np.nanmax(precision) <= 1
     one_ahead = speculation(model, trace.tokens, lookahead=1)[1]
     assert np.array_equal(one_ahead[:, :, 0], predicted[:, :, 0, :2])
-    rows = simulate({"t": trace}, [0.5], ["lru"], ["next-layer"], read_layout(tiny).slices, {"t": one_ahead})
-    assert rows[0].prefetch_issued > 0
+    rows = simulate({"t": trace}, [0.5], ["lru"], ["next-layer", "next-layer-1"], read_layout(tiny).slices,
+                    {"t": one_ahead})
+    assert rows[0].prefetch_issued > rows[1].prefetch_issued > 0
+    steps = trace_steps(trace, "next-layer-1", one_ahead)
+    m = len(trace.layers)
+    assert steps[0].prefetch == ((trace.layers[1], one_ahead[0, 0, 0, 0]),) and steps[m - 1].prefetch == ()
+    with pytest.raises(ExpertPagerError, match="unknown prefetch 'next-layer-2'"):
+        simulate({"t": trace}, [0.5], ["lru"], ["next-layer-2"], read_layout(tiny).slices, {"t": one_ahead})
     out = CliRunner().invoke(app, ["simulate", str(tmp_path / "t.npz"), "--model", str(tiny), "--prefetch",
                                    "next-layer", "--cache", "50%", "--policy", "lru", "--json"])
     assert out.exit_code == 0, out.output

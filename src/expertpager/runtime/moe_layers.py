@@ -35,7 +35,8 @@ def speculate(layer: MoeLayer, hidden: torch.Tensor, extra: int = 0,
     """The experts `layer` would pick for `hidden` [N, H], taken from an earlier layer's residual stream: its own
     norm and router applied to it (both called through `forward`, so no hooks fire), or with `fitted` (weight
     [E, H], bias [E] from a Speculator) the fitted logits of the RMS-normalised `hidden` in place of both.
-    Returns [N, k + extra]: the top-k, then the next `extra` experts by logit."""
+    Returns [N, k + extra]: the top-k, then the next `extra` experts by logit; a negative `extra` keeps only the
+    k + extra highest."""
     if fitted is not None:
         weight, bias = fitted
         logits = torch.addmm(bias, rms_normalize(hidden.reshape(hidden.shape[0], -1)), weight.T)
@@ -44,7 +45,11 @@ def speculate(layer: MoeLayer, hidden: torch.Tensor, extra: int = 0,
     index = index.reshape(hidden.shape[0], -1)
     if not extra:
         return index
-    logits = logits.reshape(hidden.shape[0], -1).float().scatter(1, index, float("-inf"))
+    logits = logits.reshape(hidden.shape[0], -1).float()
+    if extra < 0:  # the router's picks with the highest logits (some routers do not sort their top-k)
+        order = logits.gather(1, index).argsort(dim=1, descending=True, stable=True)
+        return index.gather(1, order[:, :index.shape[1] + extra])
+    logits = logits.scatter(1, index, float("-inf"))
     return torch.cat([index, logits.topk(extra, dim=-1).indices], dim=1)
 
 

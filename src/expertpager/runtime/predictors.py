@@ -49,7 +49,7 @@ class NextLayer(Predictor):
     An approximation: the residual stream changes little from one layer to the next, so the next router mostly
     picks the same experts from it as from its own input. With a `speculator` (fitted on calibration text, see
     runtime/speculator.py) its map for (target layer, distance) replaces the router where it has one. `extra` adds
-    the next-best experts by logit."""
+    the next-best experts by logit; a negative `extra` predicts only the k + extra likeliest."""
 
     name = "next-layer"
 
@@ -59,6 +59,10 @@ class NextLayer(Predictor):
     def start(self, layers: list[MoeLayer], num_experts: int, slots: int) -> None:
         super().start(layers, num_experts, slots)
         self.position = {l.index: i for i, l in enumerate(layers)}
+        k = layers[0].router.top_k if layers else 1
+        if not 0 < k + self.extra <= num_experts:
+            raise ExpertPagerError(f"next-layer{self.extra:+d}: the model routes to {k} of {num_experts} experts, "
+                                   f"so it cannot predict {k + self.extra}")
 
     def routed(self, event: Routed) -> list[SliceKey]:
         at = self.position[event.layer]
@@ -115,13 +119,13 @@ class Domain(Predictor):
         return sorted(best.hottest(self.count))
 
 
-NEXT_LAYER = re.compile(r"next-layer(?::(\d+))?(?:\+(\d+))?$")
+NEXT_LAYER = re.compile(r"next-layer(?::(\d+))?([+-]\d+)?$")
 
 
 def make_predictors(spec: "str | Sequence[str | Predictor] | None", profiles: str | Path | None = None,
                     speculator: Speculator | None = None) -> list[Predictor]:
     """Predictors from names ('next-layer,temporal,domain'; 'next-layer:2+4' looks 2 layers ahead with 4 extra
-    experts; 'none' or None for none) or instances; `profiles` is the domain predictor's folder, `speculator` the
+    experts, 'next-layer-2' predicts only the top k-2; 'none' or None for none) or instances; `profiles` is the domain predictor's folder, `speculator` the
     fitted maps next-layer predictors made from names use (None: the plain routers)."""
     if spec is None:
         return []
@@ -135,6 +139,8 @@ def make_predictors(spec: "str | Sequence[str | Predictor] | None", profiles: st
             continue
         elif nl:
             out.append(NextLayer(int(nl.group(1) or 1), int(nl.group(2) or 0), speculator))
+            if out[-1].lookahead < 1:
+                raise ExpertPagerError(f"{item}: look ahead at least 1 layer")
         elif item == "temporal":
             out.append(Temporal())
         elif item == "domain":

@@ -1,6 +1,7 @@
 """Replay recorded routing traces through the pager's own cache bookkeeping and policies (`replay_steps`), with
 or without prefetching, for several cache sizes: hit rate and bytes read per token, as rows and a plot."""
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -15,7 +16,8 @@ from ..runtime.moe_layers import MoeLayer
 from ..runtime.predictors import Routed, Temporal
 from .trace import Trace
 
-PREFETCH = ("none", "temporal", "next-layer")
+PREFETCH = ("none", "temporal", "next-layer", "next-layer-N")
+NEXT_LAYER = re.compile(r"next-layer(?:-(\d+))?$")
 
 
 @dataclass
@@ -33,7 +35,11 @@ class Row:
 def trace_steps(trace: Trace, prefetch: str = "none", predicted: np.ndarray | None = None) -> list[Step]:
     """One step per token and MoE layer, its experts pinned together as the paged module pins them (sorted), with
     the prefetches the live predictor would queue then: `temporal` runs the runtime's Temporal predictor;
-    `next-layer` takes `predicted` [T, M, 1+, k'] from `speculation` (one layer ahead)."""
+    `next-layer` takes `predicted` [T, M, 1+, k'] from `speculation` (one layer ahead), `next-layer-N` its first
+    k' - N (the likeliest, as the fitted maps and the routers list them highest first)."""
+    nl = NEXT_LAYER.match(prefetch)
+    if nl:
+        predicted = predicted[..., : predicted.shape[-1] - int(nl.group(1) or 0)]
     layers = [int(l) for l in trace.layers]
     temporal = Temporal()
     temporal.start([MoeLayer(l, None, None, None) for l in layers], trace.num_experts, 0)
@@ -44,7 +50,7 @@ def trace_steps(trace: Trace, prefetch: str = "none", predicted: np.ndarray | No
             ahead: list[SliceKey] = []
             if prefetch == "temporal":
                 ahead = temporal.routed(Routed(layer, experts, None))
-            elif prefetch == "next-layer" and m + 1 < len(layers):
+            elif nl and m + 1 < len(layers):
                 ahead = [(layers[m + 1], int(e)) for e in dict.fromkeys(predicted[t, m, 0].tolist())]
             steps.append(Step(tuple((layer, e) for e in experts), tuple(ahead)))
     return steps
@@ -65,9 +71,10 @@ def simulate(traces: dict[str, Trace], fractions: Sequence[float], policies: Seq
             table = {k: slices[k] for k in keys}
             total = sum(slot_needs(table).values())
         for pf in prefetch:
-            if pf not in PREFETCH:
-                raise ExpertPagerError(f"unknown prefetch {pf!r}: use one of {', '.join(PREFETCH)}")
-            if pf == "next-layer" and (predicted is None or name not in predicted):
+            nl = NEXT_LAYER.match(pf)
+            if pf not in PREFETCH and not (nl and 0 < int(nl.group(1)) < trace.top_k):
+                raise ExpertPagerError(f"unknown prefetch {pf!r}: use one of {', '.join(PREFETCH)} (N < top-k)")
+            if nl and (predicted is None or name not in predicted):
                 raise ExpertPagerError("--prefetch next-layer needs the model (--model) to run its routers")
             steps = trace_steps(trace, pf, (predicted or {}).get(name))
             for policy in policies:
