@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from expertpager.cli import app
+from expertpager.errors import ExpertPagerError
 from expertpager.model.read_layout import read_layout
 from expertpager.pager import Step, replay, replay_steps
 from expertpager.runtime.load import load
