@@ -106,6 +106,17 @@ def test_sharded_safetensors_with_index(tmp_path):
         assert torch.equal(gate, model.model.layers[layer].mlp.experts.gate_up_proj[e][:16])
 
 
+def test_a_speculator_beside_the_weights_is_not_part_of_the_model(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = save_tiny("qwen3_moe", tmp_path / "m")
+    before = read_layout(folder)
+    save_file({"layers.1.ahead.1.weight": torch.zeros(8, 32)}, str(folder / "speculator.safetensors"))
+    after = read_layout(folder)
+    assert after.files == before.files and len(after.files) == 1
+    assert [t.name for t in after.resident] == [t.name for t in before.resident]
+
+
 def test_qwen3_30b_geometry_matches_reference_arithmetic(tmp_path):
     """REFERENCE.md: 9.44 MB bf16 slices, 57.98 GB of experts, 3.08 GB resident; Q4_K_M slices 2.65 / 3.06 MB."""
     info = describe(read_layout(write_sparse_safetensors(tmp_path / "q30").parent))

@@ -69,8 +69,11 @@ def gguf_parts(first: Path) -> tuple[Path, ...]:
     return parts
 
 
+SIDECAR_FILES = ("speculator.safetensors",)  # files expertpager keeps beside a model's weights, not part of them
+
+
 def safetensors_files(folder: Path) -> tuple[Path, ...]:
-    """The shards named by model.safetensors.index.json, or the folder's *.safetensors files."""
+    """The shards named by model.safetensors.index.json, or the folder's *.safetensors files but SIDECAR_FILES."""
     import json
 
     index = folder / "model.safetensors.index.json"
@@ -84,7 +87,7 @@ def safetensors_files(folder: Path) -> tuple[Path, ...]:
         if missing:
             raise ExpertPagerError(f"{index}: names shard {missing[0]} which does not exist in {folder}")
         return tuple(folder / s for s in shards)
-    files = tuple(sorted(folder.glob("*.safetensors")))
+    files = tuple(sorted(f for f in folder.glob("*.safetensors") if f.name not in SIDECAR_FILES))
     if not files:
         raise ExpertPagerError(f"{folder}: no *.safetensors files")
     return files

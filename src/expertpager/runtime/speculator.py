@@ -19,8 +19,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import ExpertPagerError
+from ..model.refs import SIDECAR_FILES
 
-SPECULATOR_FILE = "speculator.safetensors"
+SPECULATOR_FILE = SIDECAR_FILES[0]
 FORMAT = "expertpager-speculator"
 KEY = re.compile(r"^layers\.(\d+)\.ahead\.(\d+)\.(weight|bias)$")
 
