@@ -48,6 +48,17 @@ def test_calibrate_writes_a_speculator_that_loads_back(tiny, fitted, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]  # no temporary left behind
 
 
+def test_a_speculator_in_use_counts_against_max_memory(fitted, tmp_path):
+    folder = save_tiny("qwen3_moe", tmp_path / "q", num_hidden_layers=4)
+    save_speculator(fitted, folder / SPECULATOR_FILE)
+    plain = load(folder, max_memory="1200MB")
+    with_maps = load(folder, max_memory="1200MB", predictors="next-layer")
+    assert with_maps.speculator.nbytes == sum(w.nbytes + b.nbytes for w, b in fitted.maps.values()) > 0
+    assert with_maps.memory_plan.resident_bytes == plain.memory_plan.resident_bytes + with_maps.speculator.nbytes
+    plain.pager.close()
+    with_maps.pager.close()
+
+
 def test_bad_speculator_file_is_one_clear_error(tiny, fitted, tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")

@@ -74,10 +74,12 @@ def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype) -> tuple[
 
 
 def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
-                decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None) -> MemoryPlan:
+                decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None,
+                extra_resident: int = 0) -> MemoryPlan:
     """The cache size from `cache` (bytes or 'NN%' of all expert bytes as stored) or from the whole-process
     `max_memory`; everything fits when neither is given. Slots are sized as the cache holds slices (decoded when
-    `decoder` is given, plus its staging buffers for `threads` workers); GGUF resident tensors count at `dtype`."""
+    `decoder` is given, plus its staging buffers for `threads` workers); GGUF resident tensors count at `dtype`;
+    `extra_resident` bytes (a speculator's maps) count as resident too."""
     if max_memory is not None and cache is not None:
         raise ExpertPagerError("give either max_memory (the whole process) or cache (the expert cache), not both")
     raw = slot_needs(layout.slices)
@@ -96,7 +98,8 @@ def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int |
         plan = plan_cache(layout, size, slot, staging=staging)
     elif max_memory is not None:
         itemsize = dtype.itemsize if dtype is not None and layout.weights_format == "gguf" else None
-        plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging, resident=resident_in_memory(layout, itemsize))
+        plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging,
+                           resident=resident_in_memory(layout, itemsize) + extra_resident)
     else:
         plan = plan_cache(layout, sum(needs) + staging, slot, staging=staging)
     return plan
@@ -109,9 +112,10 @@ def min_cache_bytes(layout: Layout, expert_cache: str = DEFAULT_EXPERT_CACHE, dt
 
 
 def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
-                 decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None) -> MemoryPlan:
+                 decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None,
+                 extra_resident: int = 0) -> MemoryPlan:
     """plan_budget, with a clear error when the minimum cache does not fit."""
-    plan = plan_budget(layout, max_memory, cache, decoder, threads, dtype)
+    plan = plan_budget(layout, max_memory, cache, decoder, threads, dtype, extra_resident)
     staging = plan.staging_bytes
     if not plan.fits:
         need = plan.min_cache_bytes + plan.resident_bytes + plan.reserve_bytes if max_memory is not None else plan.min_cache_bytes
@@ -140,7 +144,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     layout = read_layout(model_ref)
     dtype = compute_dtype(layout, dtype)
     decoder, served = expert_tier(layout, expert_cache, dtype)
-    plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype)
+    plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype)  # fails fast, before the model loads
     if layout.weights_format == "gguf":
         config = AutoConfig.for_model(gguf_arch(layout).model_type)
         model = build_gguf_model(layout, paged_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]), dtype)
@@ -150,6 +154,12 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
         model = paged_class(base).from_pretrained(layout.path, config=config, dtype=dtype,
                                                    experts_implementation="grouped_mm")
     model.eval()
+    model.speculator = None
+    if predictors or speculator not in (None, False):
+        model.speculator = find_speculator(layout.path, speculator, [l.index for l in moe_layers(model)],
+                                           model.config.hidden_size, layout.num_experts)
+        if model.speculator is not None and max_memory is not None:  # its maps stay in memory too
+            plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, model.speculator.nbytes)
     verify = checksum_verifier(layout.slices, layout.checksums) if layout.checksums else None
     pager = SliceCache(layout.slices, plan.cache_bytes, policy=policy, io=io, threads=threads,
                        min_pinned=layout.experts_per_token, verify=verify, decode=decoder)
@@ -165,10 +175,6 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     model.pager = pager
     model.layout = layout
     model.memory_plan = plan
-    model.speculator = None
-    if predictors or speculator not in (None, False):
-        model.speculator = find_speculator(layout.path, speculator, [l.index for l in moe_layers(model)],
-                                           model.config.hidden_size, layout.num_experts)
     chosen = make_predictors(predictors, profiles, model.speculator)
     model.prefetcher = Prefetcher(model, chosen) if chosen else None
     return model

@@ -38,6 +38,11 @@ class Speculator:
     info: dict = field(default_factory=dict)  # calibration facts: tokens, shrink
     path: Path | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes its maps take in memory."""
+        return sum(w.nbytes + b.nbytes for w, b in self.maps.values())
+
     def get(self, target: int, distance: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The map predicting layer `target`'s router logits from the MoE layer `distance` before it, if fitted."""
         return self.maps.get((target, distance))
