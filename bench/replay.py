@@ -3,7 +3,7 @@ slice size, comparing at one cache size: no cache, LRU, the best policy, the bes
 slice resident. Run by hand:
 
     PYTHONPATH=src python bench/replay.py [--trace T.npz [--model DIR]] [--prefetch next-layer,next-layer-2]
-        [--cache 25%] [--tokens 64] [--warmup 64] [--rounds 3]
+        [--cache 25%] [--tokens 64] [--warmup 64] [--rounds 3] [--threads 4]
 
 Writes a scratch file of bf16 expert slices (gate, up, down of hidden x inter; default 2048 x 384 = 4.7 MB, between
 Qwen3-30B-A3B's 2.7 MB at Q4 and 9.4 MB at bf16), one per (layer, expert) of the trace, deleted at the end. Each
@@ -64,9 +64,9 @@ def expert_forward(x: torch.Tensor, sl: ExpertSlice, buf) -> torch.Tensor:
 
 
 def run(name: str, slices: dict, budget: int, policy: str, steps: list, warmup: int, per_token: int, k: int,
-        prefetch: bool, preload: bool, hidden: int) -> dict:
+        prefetch: bool, preload: bool, hidden: int, threads: int = 4) -> dict:
     """Decode the steps on a fresh (cold) cache; time the steps after the warm-up tokens."""
-    with SliceCache(slices, budget, policy, io="direct", threads=4, min_pinned=k) as cache:
+    with SliceCache(slices, budget, policy, io="direct", threads=threads, min_pinned=k) as cache:
         if preload:
             keys = list(slices)
             for i in range(0, len(keys), cache.num_slots):
@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="runs of every mode, in alternating order; medians reported")
+    ap.add_argument("--threads", type=int, default=4, help="the cache's I/O workers (the runtime's default is 4)")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--inter", type=int, default=384)
     ap.add_argument("--path", default="/tmp/expertpager-bench-replay.bin")
@@ -140,7 +141,7 @@ def main() -> None:
         for i in range(args.rounds):
             for name, size, policy, steps, pf, preload in modes if i % 2 == 0 else modes[::-1]:
                 runs[name].append(run(name, slices, size, policy, steps, warmup=args.warmup, per_token=len(layers),
-                                      k=k, prefetch=pf, preload=preload, hidden=args.hidden))
+                                      k=k, prefetch=pf, preload=preload, hidden=args.hidden, threads=args.threads))
     finally:
         os.remove(args.path)
     results = [sorted(runs[m[0]], key=lambda r: r["tokens_per_s"])[args.rounds // 2] for m in modes]
@@ -156,7 +157,7 @@ def main() -> None:
     fastest = max((r for r in results if r["prefetch"]), key=lambda r: r["tokens_per_s"])
     print(json.dumps({
         "bench": "replay", "trace": args.trace or "synthetic", "cache": args.cache, "slice_mb": slot / MB,
-        "rounds": args.rounds, "best_policy": best, "belady_misses": belady,
+        "rounds": args.rounds, "threads": args.threads, "best_policy": best, "belady_misses": belady,
         **{f"{json_key(r)}_tok_s": round(r["tokens_per_s"], 3) for r in results},
         **{f"{json_key(r)}_hit_rate": round(r["hit_rate"], 4) for r in results},
         **{f"{json_key(r)}_waits": r["waits"] for r in results},
