@@ -1,5 +1,6 @@
 """Real files with random bytes and the expert slices that point into them, for the pager tests."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,15 @@ def check_buffer(buf, sl: ExpertSlice, contents: dict[str, bytes]) -> None:
     assert buf.key == sl.key
     for part in sl.parts:
         assert buf.views[part.role].tobytes() == expected(contents, part), (sl.key, part.role)
+
+
+class Gate:
+    """A verify hook that holds the load of one key until opened, so a test can act while it is in flight."""
+
+    def __init__(self, key):
+        self.key, self.entered, self.open = key, threading.Event(), threading.Event()
+
+    def __call__(self, key, views):
+        if key == self.key:
+            self.entered.set()
+            assert self.open.wait(20)

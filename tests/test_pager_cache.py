@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pager_helpers import check_buffer, write_model
+from pager_helpers import Gate, check_buffer, write_model
 
 from expertpager.errors import ExpertPagerError
 from expertpager.pager import SliceCache, plan_reads
@@ -182,22 +182,10 @@ def test_stats_on_a_scripted_sequence(tmp_path):
     assert d["pins"] == 6 and d["per_layer"][1]["misses"] == 1
 
 
-class _Gate:
-    """A verify hook that holds the load of one key until opened, so a test can act while it is in flight."""
-
-    def __init__(self, key):
-        self.key, self.entered, self.open = key, threading.Event(), threading.Event()
-
-    def __call__(self, key, views):
-        if key == self.key:
-            self.entered.set()
-            assert self.open.wait(20)
-
-
 def test_pin_joins_an_in_flight_prefetch(tmp_path):
     slices, contents = write_model(tmp_path)
     a = (0, 0)
-    gate = _Gate(a)
+    gate = Gate(a)
     with SliceCache(slices, budget=10**6, threads=1, verify=gate) as cache:
         cache.prefetch([a])
         assert gate.entered.wait(20)
@@ -231,7 +219,7 @@ def test_completed_prefetch_is_a_hit(tmp_path):
 def test_cancel_and_demand_overtakes_queued_prefetches(tmp_path):
     slices, contents = write_model(tmp_path)
     a, b, c, d, e = list(slices)[:5]
-    gate = _Gate(a)
+    gate = Gate(a)
     with SliceCache(slices, budget=10**6, threads=1, verify=gate) as cache:
         cache.prefetch([a, b, c, d])
         assert gate.entered.wait(20)  # the only worker is busy with a; b, c, d are queued

@@ -3,22 +3,10 @@
 import threading
 
 import pytest
-from pager_helpers import check_buffer, write_model
+from pager_helpers import Gate, check_buffer, write_model
 
 from expertpager.errors import ExpertPagerError
 from expertpager.pager import SliceCache, plan_reads
-
-
-class _Gate:
-    """A verify hook that holds the load of one key until opened."""
-
-    def __init__(self, key):
-        self.key, self.entered, self.open = key, threading.Event(), threading.Event()
-
-    def __call__(self, key, views):
-        if key == self.key:
-            self.entered.set()
-            assert self.open.wait(20)
 
 
 def _all_free(cache: SliceCache, slices) -> None:
@@ -30,7 +18,7 @@ def _all_free(cache: SliceCache, slices) -> None:
 def test_resident_slices_come_out_while_a_load_is_still_reading(tmp_path):
     slices, contents = write_model(tmp_path)
     hit, slow, other = (0, 0), (0, 1), (1, 0)
-    gate = _Gate(slow)
+    gate = Gate(slow)
     with SliceCache(slices, budget=10**6, threads=2, verify=gate) as cache:
         cache.pin(hit).release()
         order = []
@@ -87,7 +75,7 @@ def test_a_failed_load_raises_after_the_others_and_releases_every_pin(tmp_path):
 def test_leaving_early_releases_slices_still_loading(tmp_path):
     slices, _ = write_model(tmp_path)
     slow = (1, 2)
-    gate = _Gate(slow)
+    gate = Gate(slow)
     need = max(plan_reads(s).slot_bytes for s in slices.values())
     with SliceCache(slices, budget=3 * need, threads=2, verify=gate, wait_timeout=5) as cache:
         cache.pin((0, 0)).release()

@@ -2,8 +2,10 @@
 each decoder layer that routes, and the router applied speculatively to another layer's hidden state."""
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,3 +60,28 @@ def rms_normalize(hidden: torch.Tensor) -> torch.Tensor:
     the norm's gain (the input of a fitted speculator's maps, which carry the gain themselves)."""
     x = hidden.float()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+@torch.inference_mode()
+def routed_windows(model: nn.Module, token_ids: "list[int] | np.ndarray", chunk: int = 256
+                   ) -> Iterator[tuple[int, dict[int, torch.Tensor], dict[int, tuple]]]:
+    """Run `model` over `token_ids` in independent windows of `chunk` (each starts with an empty context, as
+    traces do) and yield, per window, (tokens n, hidden, router): hidden[i] is the residual stream entering MoE
+    layer i's post-attention norm [n, H], router[i] that layer's router output (logits, weights, index)."""
+    layers = moe_layers(model)
+    hidden: dict[int, torch.Tensor] = {}
+    router: dict[int, tuple] = {}
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.norm.register_forward_pre_hook(lambda _m, args, i=i: hidden.__setitem__(i, args[0])))
+        handles.append(layer.router.register_forward_hook(lambda _m, _a, out, i=i: router.__setitem__(i, out)))
+    ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).reshape(-1)
+    try:
+        for start in range(0, ids.numel(), chunk):
+            window = ids[start:start + chunk]
+            model(input_ids=window[None], use_cache=False)
+            n = window.numel()
+            yield n, {i: h.reshape(n, -1) for i, h in hidden.items()}, dict(router)
+    finally:
+        for h in handles:
+            h.remove()

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..errors import ExpertPagerError
-from ..runtime.moe_layers import MoeLayer, moe_layers, rms_normalize
+from ..runtime.moe_layers import MoeLayer, moe_layers, rms_normalize, routed_windows
 from ..runtime.speculator import Speculator
 
 DEFAULT_SHRINK = 1e-3
@@ -82,24 +82,9 @@ def collect(model: PreTrainedModel, token_ids: "list[int] | np.ndarray", ahead: 
         raise ExpertPagerError("calibration needs a model with at least two MoE layers")
     ahead = min(ahead, len(layers) - 1)
     stats = Statistics(layers, model.config.hidden_size, layers[0].router.weight.shape[0], ahead)
-    hidden: dict[int, torch.Tensor] = {}
-    logits: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.norm.register_forward_pre_hook(lambda _m, args, i=i: hidden.__setitem__(i, args[0])))
-        handles.append(layer.router.register_forward_hook(lambda _m, _a, out, i=i: logits.__setitem__(i, out[0])))
-    ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).reshape(-1)
-    try:
-        for start in range(0, ids.numel(), chunk):
-            window = ids[start:start + chunk]
-            model(input_ids=window[None], use_cache=False)
-            n = window.numel()
-            stats.add({i: h.reshape(n, -1) for i, h in hidden.items()},
-                      {i: z.reshape(n, -1).float() for i, z in logits.items()})
-            on_window()
-    finally:
-        for h in handles:
-            h.remove()
+    for n, hidden, router in routed_windows(model, token_ids, chunk):
+        stats.add(hidden, {i: out[0].reshape(n, -1).float() for i, out in router.items()})
+        on_window()
     return stats
 
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..errors import ExpertPagerError
 from ..model.read_layout import read_layout
-from ..runtime.moe_layers import moe_layers, speculate
+from ..runtime.moe_layers import moe_layers, routed_windows, speculate
 from ..runtime.speculator import Speculator, find_speculator
 from .trace import Trace
 
@@ -20,31 +20,17 @@ def speculation(model: PreTrainedModel, tokens: np.ndarray, lookahead: int = 3, 
     router (or `speculator`'s fitted map, where it has one) applied to layer m's residual stream, -1 past the
     last layer."""
     layers = moe_layers(model)
-    hidden: dict[int, torch.Tensor] = {}
-    routed: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.norm.register_forward_pre_hook(lambda _m, args, i=i: hidden.__setitem__(i, args[0])))
-        handles.append(layer.router.register_forward_hook(lambda _m, _a, out, i=i: routed.__setitem__(i, out[2])))
-    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long).reshape(-1)
     actual, predicted = [], []
-    try:
-        for start in range(0, ids.numel(), chunk):
-            model(input_ids=ids[None, start:start + chunk], use_cache=False)
-            n = min(chunk, ids.numel() - start)
-            k = routed[0].shape[-1]
-            actual.append(torch.stack([routed[i].reshape(n, k) for i in range(len(layers))], 1))
-            guess = torch.full((n, len(layers), lookahead, k + extra), -1, dtype=torch.long)
-            for i in range(len(layers)):
-                h = hidden[i].reshape(n, -1)
-                for d in range(1, lookahead + 1):
-                    if i + d < len(layers):
-                        fitted = speculator.get(layers[i + d].index, d) if speculator else None
-                        guess[:, i, d - 1] = speculate(layers[i + d], h, extra, fitted)
-            predicted.append(guess)
-    finally:
-        for h in handles:
-            h.remove()
+    for n, hidden, router in routed_windows(model, tokens, chunk):
+        k = router[0][2].shape[-1]
+        actual.append(torch.stack([router[i][2].reshape(n, k) for i in range(len(layers))], 1))
+        guess = torch.full((n, len(layers), lookahead, k + extra), -1, dtype=torch.long)
+        for i in range(len(layers)):
+            for d in range(1, lookahead + 1):
+                if i + d < len(layers):
+                    fitted = speculator.get(layers[i + d].index, d) if speculator else None
+                    guess[:, i, d - 1] = speculate(layers[i + d], hidden[i], extra, fitted)
+        predicted.append(guess)
     return torch.cat(actual).long().numpy(), torch.cat(predicted).numpy()
 
 
