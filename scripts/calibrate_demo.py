@@ -1,5 +1,5 @@
 """Fit the demo model's shipped speculator (src/expertpager/demo_model/speculator.safetensors) on its training
-split, never on the held-out text. Run from the repository root (about 2 minutes on 2 cores):
+split, never on the held-out text. Run from the repository root (about 8 minutes on 2 cores):
 
     PYTHONPATH=src python scripts/calibrate_demo.py
 

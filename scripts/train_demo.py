@@ -278,6 +278,9 @@ def write_card(args: argparse.Namespace) -> None:
         **facts,
         train_minutes=facts["train_seconds"] / 60,
     )
+    old = (args.out / "README.md").read_text() if (args.out / "README.md").exists() else ""
+    if "\n## Speculator" in old:  # written by scripts/calibrate_demo.py's user, kept as it is
+        card = card.rstrip("\n") + "\n\n" + old[old.index("\n## Speculator") + 1:]
     (args.out / "README.md").write_text(card)
     print(card)
 
