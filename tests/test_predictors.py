@@ -108,7 +108,7 @@ def test_unknown_predictor():
 
 def test_next_layer_cannot_predict_fewer_than_one_expert(tiny):
     layers = moe_layers(AutoModelForCausalLM.from_pretrained(tiny["qwen3_moe"]))
-    with pytest.raises(ExpertPagerError, match="routes to 2 of 8 experts, so it cannot predict 0"):
+    with pytest.raises(ExpertPagerError, match=r"routes to 2 of 8 experts, so next-layer predicts 2-2 = 0; use 1 to 8"):
         make_predictors("next-layer-2")[0].start(layers, 8, 16)
 
 

@@ -62,7 +62,7 @@ class NextLayer(Predictor):
         k = layers[0].router.top_k if layers else 1
         if not 0 < k + self.extra <= num_experts:
             raise ExpertPagerError(f"next-layer{self.extra:+d}: the model routes to {k} of {num_experts} experts, "
-                                   f"so it cannot predict {k + self.extra}")
+                                   f"so next-layer predicts {k}{self.extra:+d} = {k + self.extra}; use 1 to {num_experts}")
 
     def routed(self, event: Routed) -> list[SliceKey]:
         at = self.position[event.layer]
