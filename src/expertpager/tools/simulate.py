@@ -101,14 +101,18 @@ def plot(rows: list[Row], path: str) -> None:
     import matplotlib.pyplot as plt
 
     traces = list(dict.fromkeys(r.trace for r in rows))
+    policies = [p for p in dict.fromkeys(r.policy for r in rows) if p != "belady"]
+    colors = {p: f"C{i % 10}" for i, p in enumerate(policies)} | {"belady": "black"}
+    styles = ["-o", ":s", "-.^", "--v", ":D"]  # one per prefetch setting; colour per policy
+    prefetches = {pf: styles[i % len(styles)] for i, pf in enumerate(dict.fromkeys(r.prefetch for r in rows))}
     fig, axes = plt.subplots(1, len(traces), figsize=(5.5 * len(traces), 4), squeeze=False)
     for ax, name in zip(axes[0], traces):
         mine = [r for r in rows if r.trace == name]
         for label in dict.fromkeys((r.policy, r.prefetch) for r in mine):
             pts = sorted((r.cache_fraction, r.hit_rate) for r in mine if (r.policy, r.prefetch) == label)
             text = label[0] if label[1] == "none" else f"{label[0]} + {label[1]}"
-            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], "--" if label[0] == "belady" else "-o",
-                    color="black" if label[0] == "belady" else None, label=text)
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], "--" if label[0] == "belady" else prefetches[label[1]],
+                    color=colors[label[0]], label=text)
         ax.set(title=name, xlabel="cache (% of expert bytes)", ylabel="hit rate", ylim=(0, 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
