@@ -264,8 +264,8 @@ class SliceCache:
         """Pin several slices and yield `(key, buffer)` as each becomes ready: resident ones first, then loads in the
         order they finish, so the caller can compute on some while others are read. Every key is claimed (pinned,
         or given a slot) before this returns; `prefetch` keys are queued after that, so they never evict `keys`,
-        and behind `keys`' own loads. `with cache.pin_each(keys) as stream: for key, buf in stream: ...`; the
-        stream is a dict of the slices yielded so far, all released on exit."""
+        and behind `keys`' own loads. `with cache.pin_each(keys) as stream: for key, buf in stream: ...`;
+        `stream.pinned` holds the slices yielded so far, all released on exit."""
         keys = tuple(dict.fromkeys(tuple(k) for k in keys))
         with self._lock:
             self._check(keys)

@@ -20,7 +20,7 @@ from ..sizes import parse_size
 from .gguf_model import build_gguf_model, gguf_dtype
 from .paged_experts import DTYPE_NAMES, PagedExperts, dequantizer
 from .moe_layers import moe_layers
-from .predictors import Predictor, make_predictors
+from .predictors import NextLayer, Predictor, make_predictors
 from .prefetcher import Prefetcher
 from .speculator import Speculator, find_speculator
 
@@ -154,10 +154,14 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
         model = paged_class(base).from_pretrained(layout.path, config=config, dtype=dtype,
                                                    experts_implementation="grouped_mm")
     model.eval()
+    chosen = make_predictors(predictors, profiles)
+    unfitted = [p for p in chosen if isinstance(p, NextLayer) and p.speculator is None]
     model.speculator = None
-    if predictors or speculator not in (None, False):
+    if unfitted or speculator not in (None, False):
         model.speculator = find_speculator(layout.path, speculator, [l.index for l in moe_layers(model)],
                                            model.config.hidden_size, layout.num_experts)
+        for p in unfitted:
+            p.speculator = model.speculator
         if model.speculator is not None and max_memory is not None:  # its maps stay in memory too
             plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, model.speculator.nbytes)
     verify = checksum_verifier(layout.slices, layout.checksums) if layout.checksums else None
@@ -175,6 +179,5 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     model.pager = pager
     model.layout = layout
     model.memory_plan = plan
-    chosen = make_predictors(predictors, profiles, model.speculator)
     model.prefetcher = Prefetcher(model, chosen) if chosen else None
     return model

@@ -122,11 +122,11 @@ class Domain(Predictor):
 NEXT_LAYER = re.compile(r"next-layer(?::(\d+))?([+-]\d+)?$")
 
 
-def make_predictors(spec: "str | Sequence[str | Predictor] | None", profiles: str | Path | None = None,
-                    speculator: Speculator | None = None) -> list[Predictor]:
+def make_predictors(spec: "str | Sequence[str | Predictor] | None", profiles: str | Path | None = None) -> list[Predictor]:
     """Predictors from names ('next-layer,temporal,domain'; 'next-layer:2+4' looks 2 layers ahead with 4 extra
-    experts, 'next-layer-2' predicts only the top k-2; 'none' or None for none) or instances; `profiles` is the domain predictor's folder, `speculator` the
-    fitted maps next-layer predictors made from names use (None: the plain routers)."""
+    experts, 'next-layer-2' predicts only the top k-2; 'none' or None for none) or instances; `profiles` is the
+    domain predictor's folder. Next-layer predictors made from names use the plain routers until given a
+    `speculator` (`load` gives them the model's)."""
     if spec is None:
         return []
     items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
@@ -138,9 +138,9 @@ def make_predictors(spec: "str | Sequence[str | Predictor] | None", profiles: st
         elif item == "none":
             continue
         elif nl:
-            out.append(NextLayer(int(nl.group(1) or 1), int(nl.group(2) or 0), speculator))
-            if out[-1].lookahead < 1:
+            if int(nl.group(1) or 1) < 1:
                 raise ExpertPagerError(f"{item}: look ahead at least 1 layer")
+            out.append(NextLayer(int(nl.group(1) or 1), int(nl.group(2) or 0)))
         elif item == "temporal":
             out.append(Temporal())
         elif item == "domain":
