@@ -15,6 +15,8 @@ class TensorPart:
     role: gate, up, down, gate_up (fused), gate_up_bias, down_bias, and for MXFP4 the suffixes _blocks/_scales.
     dtype: a safetensors dtype ("BF16", "F32", "U8", ...) or a GGML type name ("Q4_K", "F16", ...).
     shape: the logical shape of this expert's tensor in transformers' orientation as stored in the file.
+    stacked: the part is one expert's share of a tensor that holds all experts of the layer (transformers may then
+    use the file's bytes in place, at the file's alignment, rather than a copy).
     """
 
     role: str
@@ -23,6 +25,7 @@ class TensorPart:
     length: int
     dtype: str
     shape: tuple[int, ...]
+    stacked: bool = False
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def _assemble(fmt: str, arch: str, model: ResolvedModel, tensors: list[TensorInf
                                    f"which disagrees with {num_experts} experts")
         step = t.length // num_experts
         for e in range(num_experts):
-            parts.setdefault((layer, e), []).append(TensorPart(role, t.file, t.offset + e * step, step, t.dtype, t.shape[1:]))
+            parts.setdefault((layer, e), []).append(TensorPart(role, t.file, t.offset + e * step, step, t.dtype, t.shape[1:], stacked=True))
     if not parts:
         raise ExpertPagerError(f"{model.path}: not a mixture-of-experts model (no expert tensors found)")
     slices = {key: ExpertSlice(key[0], key[1], tuple(sorted(p, key=lambda x: (x.file, x.offset)))) for key, p in sorted(parts.items())}

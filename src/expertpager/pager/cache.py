@@ -165,7 +165,9 @@ class SliceCache:
         self._plans: dict[SliceKey, ReadPlan] = {k: plan_reads(s) for k, s in self._slices.items()}
         needs = {k: p.slot_bytes for k, p in self._plans.items()}
         stage_size, stages = 0, 0
-        if decode is not None:
+        if decode is not None and decode.in_place:
+            needs = {k: max(n, decode.slot_bytes(k)) for k, n in needs.items()}
+        elif decode is not None:
             stage_size, stages = staging_bytes(needs, threads)
             needs = {k: decode.slot_bytes(k) for k in needs}
         self.staging_bytes = stage_size * stages
@@ -401,7 +403,7 @@ class SliceCache:
             if self._decode is None:
                 views = self._read(key, slot.memory, slot.base)
             else:
-                stage = self._stages.get()
+                stage = (slot.memory, slot.base) if self._decode.in_place else self._stages.get()
                 try:
                     raw = self._read(key, *stage)
                     views = self._views(slot.base, self._decode.views[key])
@@ -410,7 +412,8 @@ class SliceCache:
                     except Exception as e:
                         raise ExpertPagerError(f"decoding expert slice {key} failed: {e!r}") from e
                 finally:
-                    self._stages.put(stage)
+                    if not self._decode.in_place:
+                        self._stages.put(stage)
         except ExpertPagerError as e:
             error = e
         except Exception as e:

@@ -18,7 +18,7 @@ from ..pager.replay import slot_needs
 from ..pager.decode import staging_bytes
 from ..sizes import parse_size
 from .gguf_model import build_gguf_model, gguf_dtype
-from .paged_experts import DTYPE_NAMES, PagedExperts, dequantizer
+from .paged_experts import DTYPE_NAMES, PagedExperts, dequantizer, realigner, resident_offsets, stored_offsets
 from .moe_layers import moe_layers
 from .predictors import NextLayer, Predictor, make_predictors
 from .prefetcher import Prefetcher
@@ -62,15 +62,26 @@ def compute_dtype(layout: Layout, dtype: torch.dtype | str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def expert_offsets(layout: Layout, dtype: torch.dtype) -> dict[SliceKey, dict[str, int]]:
+    """Each slice's weight matrices at their fully resident addresses modulo ALIGN (see resident_offsets)."""
+    return {k: resident_offsets(s, dtype, layout.format == "safetensors") for k, s in layout.slices.items()}
+
+
 def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype) -> tuple[Decoder | None, dict[SliceKey, ExpertSlice]]:
     """The cache's decode step (None: it holds the stored bytes) and the slices as it serves them. The dequantized
-    tier decodes only when some part is not already stored in the compute dtype."""
+    tier decodes only when some part is not already stored in the compute dtype; slices stored in it whose weights
+    would sit at another alignment than the resident model's are moved to it in their slot once per page-in."""
     if expert_cache not in EXPERT_CACHES:
         raise ExpertPagerError(f"unknown expert cache {expert_cache!r}: use one of {', '.join(EXPERT_CACHES)}")
     stored = {p.dtype for s in layout.slices.values() for p in s.parts}
-    if expert_cache == "raw" or stored == {DTYPE_NAMES.get(dtype)}:
+    if expert_cache == "raw":
         return None, layout.slices
-    return dequantizer(layout.slices, dtype)
+    offsets = expert_offsets(layout, dtype)
+    if stored != {DTYPE_NAMES.get(dtype)}:
+        return dequantizer(layout.slices, dtype, offsets)
+    if all(stored_offsets(s) == offsets[k] for k, s in layout.slices.items()):
+        return None, layout.slices
+    return realigner(layout.slices, offsets)
 
 
 def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
@@ -84,7 +95,9 @@ def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int |
         raise ExpertPagerError("give either max_memory (the whole process) or cache (the expert cache), not both")
     raw = slot_needs(layout.slices)
     needs, staging = list(raw.values()), 0
-    if decoder is not None:
+    if decoder is not None and decoder.in_place:
+        needs = [max(n, decoder.slot_bytes(k)) for k, n in raw.items()]
+    elif decoder is not None:
         needs = [decoder.slot_bytes(k) for k in raw]
         size, count = staging_bytes(raw, threads)
         staging = size * count
@@ -144,6 +157,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     layout = read_layout(model_ref)
     dtype = compute_dtype(layout, dtype)
     decoder, served = expert_tier(layout, expert_cache, dtype)
+    offsets = expert_offsets(layout, dtype)
     plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype)  # fails fast, before the model loads
     if layout.weights_format == "gguf":
         config = AutoConfig.for_model(gguf_arch(layout).model_type)
@@ -171,6 +185,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
         if isinstance(module, PagedExperts):
             module.cache = pager
             module.slices = {e: served[(module.layer, e)] for e in range(layout.num_experts)}
+            module.offsets = {e: offsets[(module.layer, e)] for e in range(layout.num_experts)}
             module.dtype = dtype
             module.transpose = module.is_transposed and layout.weights_format == "gguf"
             module.chunk = max(layout.experts_per_token, pager.num_slots // (2 if prefetch else 1))

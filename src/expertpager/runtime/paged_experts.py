@@ -1,6 +1,12 @@
 """An experts module that owns no expert weights: it pins the routed slices from the pager and computes exactly
-what transformers' default `grouped_mm` experts forward computes, one expert group at a time."""
+what transformers' default `grouped_mm` experts forward computes, one expert group at a time.
 
+Exactness across CPUs: torch's CPU grouped_mm runs one `mm_out` per expert into that expert's rows of one output,
+and a GEMM kernel may take another code path (and round differently) when a matrix sits at another address modulo
+a cache line. So each expert's rows are written into an output laid out as grouped_mm lays it out, and each weight
+is served at the address, modulo ALIGN, that the fully resident model holds it at (`resident_offsets`)."""
+
+import ctypes
 import math
 from collections.abc import Mapping
 from dataclasses import replace
@@ -8,14 +14,15 @@ from dataclasses import replace
 import numpy as np
 import torch
 from torch import nn
-from transformers.integrations.moe import _grouped_linear
+from transformers.integrations.moe import _can_use_grouped_mm
 
 from ..model.layout import ExpertSlice, SliceKey
-from ..pager import Decoder
+from ..pager import Decoder, plan_reads
 from .dequant import dequantize
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+ALIGN = 64  # bytes: a cache line, the widest vector load
 
 
 def _weights(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -25,22 +32,60 @@ def _weights(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tenso
     return dequantize(torch.from_numpy(raw), dtype, shape)
 
 
-def decoded_slice(s: ExpertSlice, dtype: torch.dtype) -> ExpertSlice:
-    """The slice as the dequantized tier holds it: every part in `dtype`, gate then up adjacent (so gate_up is one
-    view), offsets within the slot."""
+MATRICES = {"gate_up": ("gate", "up", "gate_up"), "down": ("down",)}
+"""Each weight matrix of transformers' experts module, by the slice roles that build it."""
+
+
+def resident_offsets(s: ExpertSlice, dtype: torch.dtype, in_place: bool) -> dict[str, int]:
+    """Where the fully resident transformers model holds this expert's gate_up and down weights, modulo ALIGN.
+    transformers stacks per-expert tensors (or casts) into a fresh, aligned [E, ...] parameter, so expert e starts
+    e matrices in; a stacked tensor of a safetensors file, already in the compute dtype, it uses in place
+    (`in_place`), at the file's offset (the file is mapped at a page boundary)."""
+    roles = {p.role: p for p in s.parts}
+    out = {}
+    for matrix, names in MATRICES.items():
+        parts = [roles[r] for r in names if r in roles]
+        if not parts:
+            continue
+        if in_place and parts[0].stacked and parts[0].dtype == DTYPE_NAMES.get(dtype):
+            out[matrix] = parts[0].offset % ALIGN
+        else:
+            out[matrix] = s.expert * sum(math.prod(p.shape) for p in parts) * dtype.itemsize % ALIGN
+    return out
+
+
+def stored_offsets(s: ExpertSlice) -> dict[str, int]:
+    """Where a slot that holds the stored bytes puts each matrix, modulo ALIGN (a slot keeps file offsets modulo a
+    block; gate and up are one matrix only when adjacent in the file)."""
+    roles = {p.role: p for p in s.parts}
+    out = {m: roles[names[0]].offset % ALIGN for m, names in MATRICES.items() if names[0] in roles}
+    if "gate" in roles and roles["up"].offset != roles["gate"].offset + roles["gate"].length:
+        out["gate_up"] = -1  # served as a concatenation: a fresh copy
+    return out
+
+
+def decoded_slice(s: ExpertSlice, dtype: torch.dtype, offsets: Mapping[str, int]) -> ExpertSlice:
+    """The slice as a decoding tier holds it: every part in `dtype`, gate then up adjacent (so gate_up is one
+    view), each matrix at its resident address modulo ALIGN (`offsets`, from resident_offsets), offsets within
+    the slot."""
     first = [p for role in ("gate", "up") for p in s.parts if p.role == role]
     parts, pos = [], 0
     for p in first + [p for p in s.parts if p not in first]:
+        matrix = next((m for m, names in MATRICES.items() if p.role in names), None)
+        if matrix is not None and p.role != "up":
+            pos += (offsets[matrix] - pos) % ALIGN
         n = math.prod(p.shape) * dtype.itemsize
         parts.append(replace(p, offset=pos, length=n, dtype=DTYPE_NAMES[dtype]))
         pos += n
     return replace(s, parts=tuple(parts))
 
 
-def dequantizer(slices: Mapping[SliceKey, ExpertSlice], dtype: torch.dtype) -> tuple[Decoder, dict[SliceKey, ExpertSlice]]:
-    """A pager decode step that dequantizes each part once at page-in to `dtype` (float32 first, then cast, exactly
-    as slice_tensors does on every use of a raw slice), and the slices as the cache then serves them."""
-    served = {k: decoded_slice(s, dtype) for k, s in slices.items()}
+def dequantizer(slices: Mapping[SliceKey, ExpertSlice], dtype: torch.dtype,
+                offsets: Mapping[SliceKey, Mapping[str, int]]) -> tuple[Decoder, dict[SliceKey, ExpertSlice]]:
+    """A pager decode step that writes each part once at page-in in `dtype` at its resident alignment (quantized
+    blocks dequantized to float32 first, then cast, exactly as slice_tensors does on every use of a raw slice), and
+    the slices as the cache then serves them."""
+    served = {k: decoded_slice(s, dtype, offsets[k]) for k, s in slices.items()}
 
     def decode(key: SliceKey, raw: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
         for p in slices[key].parts:
@@ -48,6 +93,50 @@ def dequantizer(slices: Mapping[SliceKey, ExpertSlice], dtype: torch.dtype) -> t
 
     views = {k: tuple((p.role, p.offset, p.length) for p in s.parts) for k, s in served.items()}
     return Decoder(views, decode), served
+
+
+def realigner(slices: Mapping[SliceKey, ExpertSlice],
+              offsets: Mapping[SliceKey, Mapping[str, int]]) -> tuple[Decoder, dict[SliceKey, ExpertSlice]]:
+    """An in-place pager decode step for slices stored in the compute dtype: each part moves up its slot, by less
+    than ALIGN bytes per part, so each weight matrix sits at its resident alignment (`offsets`); gate and up stay
+    adjacent. Returns the decoder and the slices as the cache then serves them."""
+    moves, served = {}, {}
+    for key, s in slices.items():
+        read = {role: off for role, off, _ in plan_reads(s).views}
+        units: list[list] = []  # [slot offset, parts]: parts that move together
+        for p in sorted(s.parts, key=lambda p: read[p.role]):
+            if p.role == "up" and units and units[-1][1][-1].role == "gate" and read["up"] == units[-1][0] + units[-1][1][-1].length:
+                units[-1][1].append(p)
+            else:
+                units.append([read[p.role], [p]])
+        placed, end = [], 0
+        for start, parts in units:
+            matrix = next((m for m, names in MATRICES.items() if parts[0].role in names), None)
+            pos = max(start, end)
+            if matrix is not None:
+                pos += (offsets[key][matrix] - pos) % ALIGN
+            placed.append((start, pos, parts))
+            end = pos + sum(p.length for p in parts)
+        moves[key] = placed
+        served[key] = replace(s, parts=tuple(replace(p, offset=pos + sum(q.length for q in parts[:i]))
+                                             for _, pos, parts in placed for i, p in enumerate(parts)))
+
+    def decode(key: SliceKey, raw: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
+        for _, _, parts in reversed(moves[key]):  # the last first: a part only moves up, never onto one not yet moved
+            n = sum(p.length for p in parts)
+            ctypes.memmove(out[parts[0].role].ctypes.data, raw[parts[0].role].ctypes.data, n)
+
+    views = {k: tuple((p.role, p.offset, p.length) for p in s.parts) for k, s in served.items()}
+    return Decoder(views, decode, in_place=True), served
+
+
+def at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """`t` (contiguous), or a copy of it, at address `offset` modulo ALIGN."""
+    if t.data_ptr() % ALIGN == offset:
+        return t
+    buf = torch.empty(t.numel() + ALIGN // t.itemsize, dtype=t.dtype)
+    skip = (offset - buf.data_ptr()) % ALIGN // t.itemsize
+    return buf[skip:skip + t.numel()].view(t.shape).copy_(t)
 
 
 def slice_tensors(s: ExpertSlice, views: dict[str, np.ndarray], dtype: torch.dtype,
@@ -95,6 +184,7 @@ class PagedExperts(nn.Module):
         object.__setattr__(self, "_template", template)
         self.cache = None  # set by the loader: a pager SliceCache
         self.slices: dict[int, ExpertSlice] = {}
+        self.offsets: dict[int, dict[str, int]] = {}  # set by the loader: resident_offsets of each expert
         self.dtype = torch.float32
         self.transpose = False  # set by the loader: slices in GGUF's order for a transposed module (see slice_tensors)
         self.chunk = 1  # slices pinned at once when a prefill hits many experts
@@ -103,6 +193,7 @@ class PagedExperts(nn.Module):
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, paged"
 
+    @torch.no_grad()  # inference only: the matmuls write into preallocated outputs, which autograd does not allow
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         num_tokens, num_top_k = top_k_index.shape
         expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))
@@ -114,7 +205,7 @@ class PagedExperts(nn.Module):
         rows = {e: slice(starts[e], starts[e + 1]) for e in hit}
         chunks = [hit[i:i + self.chunk] for i in range(0, len(hit), self.chunk)]
         # Gating runs once over all rows, as in transformers: elementwise kernels may round differently on fewer rows.
-        proj = None
+        proj = out = None
         for i, chunk in enumerate(chunks):
             following = chunks[i + 1] if i + 1 < len(chunks) else []
             ahead = self.on_route(self.layer, hit) if i == 0 and self.on_route is not None else []
@@ -122,18 +213,18 @@ class PagedExperts(nn.Module):
                 weights = {}
                 for (_, e), buf in stream:  # each expert as soon as its slice is ready
                     weights[e] = self._tensors(e, buf)
-                    up = self._project(selected[rows[e]], weights[e], "gate_up")
-                    proj = up.new_empty(selected.shape[0], up.shape[-1]) if proj is None else proj
-                    proj[rows[e]] = up
+                    proj = self._project(selected, rows[e], weights[e], "gate_up", proj)
                 if len(chunks) == 1:  # the usual case (always in decode): one pin for both projections
-                    out = self._down(self._template._apply_gate(proj), chunk, weights, rows, None)
+                    gated = self._template._apply_gate(proj)
+                    for e in chunk:
+                        out = self._project(gated, rows[e], weights[e], "down", out)
         if len(chunks) > 1:
             gated = self._template._apply_gate(proj)
-            out = None
             for i, chunk in enumerate(reversed(chunks)):  # newest slices first: they are the ones still cached
                 following = chunks[-i - 2] if i + 2 <= len(chunks) else []
                 with self.cache.pin_many(self._keys(chunk), self._keys(following)) as pinned:
-                    out = self._down(gated, chunk, {e: self._tensors(e, pinned[(self.layer, e)]) for e in chunk}, rows, out)
+                    for e in chunk:
+                        out = self._project(gated, rows[e], self._tensors(e, pinned[(self.layer, e)]), "down", out)
         weighted = out * sample_weights_g.unsqueeze(-1)
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.size(0))
@@ -143,17 +234,30 @@ class PagedExperts(nn.Module):
         return [(self.layer, e) for e in experts]
 
     def _tensors(self, expert: int, buf) -> dict[str, torch.Tensor]:
-        """The tensors of one pinned expert, built once per pin."""
-        return slice_tensors(self.slices[expert], buf.views, self.dtype, self.transpose)
+        """The tensors of one pinned expert, built once per pin, each weight at its resident address modulo ALIGN."""
+        tensors = slice_tensors(self.slices[expert], buf.views, self.dtype, self.transpose)
+        for matrix, offset in self.offsets.get(expert, {}).items():
+            tensors[matrix] = at_offset(tensors[matrix], offset)
+        return tensors
 
-    def _down(self, gated: torch.Tensor, chunk: list[int], weights: dict, rows: dict, out: torch.Tensor | None) -> torch.Tensor:
-        for e in chunk:
-            down = self._project(gated[rows[e]], weights[e], "down")
-            out = down.new_empty(gated.shape[0], down.shape[-1]) if out is None else out
-            out[rows[e]] = down
+    def _project(self, x: torch.Tensor, rows: slice, w: dict[str, torch.Tensor], which: str,
+                 out: torch.Tensor | None) -> torch.Tensor:
+        """Rows `rows` of x through one expert's gate_up or down matrix (plus bias), written into those rows of
+        `out` (allocated on first use, over all of x's rows) as torch's grouped_mm writes each group."""
+        weight = w[which] if self.is_transposed else w[which].transpose(-2, -1)
+        if out is None:
+            out = grouped_output(x, weight)
+        torch.mm(x[rows], weight, out=out[rows])
+        if which + "_bias" in w:
+            out[rows].add_(w[which + "_bias"])
         return out
 
-    def _project(self, x: torch.Tensor, w: dict[str, torch.Tensor], which: str) -> torch.Tensor:
-        """x through one expert's gate_up or down matrix (plus bias), with transformers' grouped_mm kernel."""
-        offs = torch.tensor([x.shape[0]], dtype=torch.int32)
-        return _grouped_linear(x, w[which].unsqueeze(0), offs, bias=w.get(which + "_bias"), is_transposed=self.is_transposed)
+
+def grouped_output(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The output grouped_mm would multiply `x` [S, in] into, for [in, out] weights: torch's CPU kernel pads rows
+    to 16 bytes; transformers' own fallback (where torch's kernel cannot be used) starts from zeros."""
+    n = weight.shape[-1]
+    if not _can_use_grouped_mm(x, weight.unsqueeze(0), torch.tensor([x.shape[0]], dtype=torch.int32)):
+        return torch.zeros(x.shape[0], n, dtype=x.dtype)
+    per_16 = 16 // x.itemsize
+    return torch.empty_strided((x.shape[0], n), (-(-n // per_16) * per_16, 1), dtype=x.dtype)
