@@ -26,8 +26,9 @@ def class_of(need: int, classes: Sequence[int]) -> int:
 
 def plan_slots(needs: Sequence[int], budget: int, min_pinned: int = 1, reserved: int = 0) -> list[int]:
     """Slot sizes for a pool of at most `budget - reserved` bytes (`reserved`: staging buffers kept beside the slots):
-    `min_pinned` slots of the largest class, the rest shared between classes in proportion to their bytes; no class
-    gets more slots than it has slices."""
+    `min_pinned` slots of the largest class (even where fewer slices need that class: a smaller slice may sit in a
+    large slot, and a layer's top-k must still be placeable at once), the rest shared between classes in proportion
+    to their bytes; no class gets more slots than it has slices beyond that."""
     classes = size_classes(needs)
     budget -= reserved
     demand = Counter(class_of(n, classes) for n in needs)
@@ -42,14 +43,14 @@ def plan_slots(needs: Sequence[int], budget: int, min_pinned: int = 1, reserved:
                 + (f", plus {reserved} bytes of staging buffers)" if reserved else ")")
             )
         counts = {c: 0 for c in classes}
-        counts[largest] = min(min_pinned, demand[largest])
+        counts[largest] = min_pinned
         rest = budget - counts[largest] * largest
         total = sum(c * k for c, k in demand.items())
         for c in classes:
-            counts[c] += min(demand[c] - counts[c], int(rest * c * demand[c] / total) // c)
+            counts[c] += max(0, min(demand[c] - counts[c], int(rest * c * demand[c] / total) // c))
         left = budget - sum(c * k for c, k in counts.items())
         for c in classes:
-            extra = min(demand[c] - counts[c], left // c)
+            extra = max(0, min(demand[c] - counts[c], left // c))
             counts[c] += extra
             left -= extra * c
     return [c for c in classes for _ in range(counts.get(c, 0))]
