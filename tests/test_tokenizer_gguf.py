@@ -84,7 +84,7 @@ def test_demo_tokenizer_is_gpt2():
 
 
 def test_table_names_each_split_once():
-    assert len(set(LLAMA_CPP_SPLITS.values())) == len(LLAMA_CPP_SPLITS)
+    assert len(set(LLAMA_CPP_SPLITS.values())) == len(LLAMA_CPP_SPLITS)  # a split and ignore_merges: one name
     assert set(CASES) == set(LLAMA_CPP_SPLITS)
 
 
@@ -127,9 +127,12 @@ def test_no_name_for_other_splits(spec):
     assert pre_tokenizer_name({"pre_tokenizer": spec, "model": {"type": "BPE"}}) is None
 
 
-def test_ignore_merges_is_part_of_the_name():
-    """llama.cpp's gpt-2 follows the merges; llama-bpe looks a whole piece up first, dbrx does not."""
-    assert pre_tokenizer_name({"pre_tokenizer": BYTE_LEVEL, "model": {"ignore_merges": True}}) is None
+def test_ignore_merges_picks_between_names_of_one_split():
+    """llama-bpe looks a whole piece up in the vocabulary before merging, dbrx does not; a split with one name keeps
+    it whatever ignore_merges says (transformers converts tiktoken vocabularies, gpt-4o's kind, with it set)."""
+    assert pre_tokenizer_name({"pre_tokenizer": BYTE_LEVEL, "model": {"ignore_merges": True}}) == "gpt-2"
+    gpt4o = split_then_byte_level("gpt-4o")
+    assert pre_tokenizer_name({"pre_tokenizer": gpt4o, "model": {"ignore_merges": True}}) == "gpt-4o"
     llama3 = split_then_byte_level("llama-bpe")
     assert pre_tokenizer_name({"pre_tokenizer": llama3, "model": {"ignore_merges": True}}) == "llama-bpe"
     assert pre_tokenizer_name({"pre_tokenizer": llama3, "model": {"ignore_merges": False}}) == "dbrx"

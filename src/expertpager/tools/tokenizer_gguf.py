@@ -41,10 +41,10 @@ def as_llama_cpp(regex: str) -> str:
 
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str | None:
-    r"""tokenizer.ggml.pre for a tokenizer.json: the llama.cpp name that splits text as its pre_tokenizer does and
-    takes its BPE model's ignore_merges, or None when none does. ByteLevel with use_regex splits with GPT-2's regex
-    ("gpt-2"; llama.cpp leaves off its last alternative, |\s+, which its GPT-2 splitter applies all the same);
-    an isolating Split(regex) then ByteLevel without it splits with that regex.
+    r"""tokenizer.ggml.pre for a tokenizer.json: the llama.cpp name that splits text as its pre_tokenizer does
+    (of two, the one that takes its BPE model's ignore_merges), or None when none does. ByteLevel with use_regex
+    splits with GPT-2's regex ("gpt-2"; llama.cpp leaves off its last alternative, |\s+, which its GPT-2 splitter
+    applies all the same); an isolating Split(regex) then ByteLevel without it splits with that regex.
     (convert_hf_to_gguf.py picks the name by hashing the tokenizer's output on a test text, which only knows the
     vocabularies it has seen; this picks by the split itself.)"""
     spec = tokenizer_json.get("pre_tokenizer") or {}
@@ -60,8 +60,9 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str | None:
         regex = as_llama_cpp(splits[0]["pattern"]["Regex"])
     else:
         return None
-    wanted = (regex, bool(tokenizer_json.get("model", {}).get("ignore_merges")))
-    return next((name for name, entry in LLAMA_CPP_SPLITS.items() if entry == wanted), None)
+    ignore_merges = bool(tokenizer_json.get("model", {}).get("ignore_merges"))
+    names = [name for name, (split, _) in LLAMA_CPP_SPLITS.items() if split == regex]
+    return min(names, key=lambda name: LLAMA_CPP_SPLITS[name][1] != ignore_merges, default=None)
 
 
 def add_tokenizer(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> bool:
