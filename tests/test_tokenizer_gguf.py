@@ -26,8 +26,8 @@ CODE = (Path(__file__).parent / "data" / "heldout_code.txt").read_text()[:20000]
 ASCII = "".join(c for c in CHKTXT + CODE if c.isascii())
 
 # For each name we may write: the tokenizer.json pre_tokenizer it stands for, the BPE model's ignore_merges, and the
-# text on which llama.cpp's regex must split as tokenizer.json's does (for gpt-4o and tekken llama.cpp tells letter
-# case apart in ASCII only and lets no combining mark join a letter: ASCII text splits the same, Khmer does not).
+# text on which llama.cpp's regex must split as tokenizer.json's does (for gpt-4o and tekken llama.cpp's regex tells
+# letter case apart in ASCII only and admits no combining mark: it splits CHKTXT's Khmer differently, ASCII alike).
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 
 

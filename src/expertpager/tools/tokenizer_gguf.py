@@ -11,9 +11,9 @@ import gguf
 # for it and the ignore_merges flag llama_vocab::impl::load sets for it, copied from src/llama-vocab.cpp of llama.cpp
 # as vendored in llama-cpp-python 0.3.36. Only names that transformers' GGUF reader maps to the same split are here.
 # For gpt-4o and tekken llama.cpp runs an approximation of the tokenizer.json regex (its comments there quote the
-# original): letter case is told apart in ASCII only and combining marks do not join letters; it is still the name
-# llama.cpp's converter writes for those tokenizers. "default" (llama.cpp's name for a BPE that names none) is not GPT-2's split:
-# it cuts out punctuation runs first and digit runs into threes.
+# original): it tells letter case apart by ASCII a-z and A-Z only and admits no combining mark where the original
+# does; it is still the name llama.cpp's converter writes for those tokenizers. "default" (llama.cpp's name for a
+# BPE that names none) is not GPT-2's split: it cuts out punctuation runs first and digit runs into threes.
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _LLAMA3 = _CONTRACTIONS + (r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                            r"|\s+(?!\S)|\s+")
