@@ -1,6 +1,9 @@
 """The demo model exported to GGUF runs paged with the same logits as the HF checkpoint (bf16), and within a stated
 tolerance at q8_0; the GGUF's own tokenizer encodes like the HF one."""
 
+from pathlib import Path
+
+import gguf
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -31,6 +34,9 @@ def test_demo_bf16_gguf_paged_equals_hf(hf, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(reference, got))
     assert paged.pager.stats_snapshot().misses > 0
     assert load_tokenizer(str(path))(TEXT)["input_ids"] == prompt
+    code = (Path(__file__).parent / "data" / "heldout_code.txt").read_text()[:20000]
+    assert load_tokenizer(str(path))(code)["input_ids"] == tokenizer(code)["input_ids"]
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # GPT-2's split in llama.cpp
 
 
 def test_demo_q8_0_gguf_within_tolerance(hf, tmp_path):

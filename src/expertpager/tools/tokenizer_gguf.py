@@ -1,24 +1,68 @@
 """A checkpoint's byte-level BPE tokenizer (tokenizer.json) written into GGUF metadata as convert_hf_to_gguf.py
-writes a "gpt2" vocabulary. SentencePiece tokenizers (tokenizer.model, e.g. Mixtral) and
-byte-level BPEs whose split regex transformers' GGUF reader does not know are not exported yet."""
+writes a "gpt2" vocabulary. SentencePiece tokenizers (tokenizer.model, e.g. Mixtral) and byte-level BPEs whose split
+llama.cpp and transformers' GGUF reader do not both know by one tokenizer.ggml.pre name are not exported yet."""
 
 import json
 from pathlib import Path
 
 import gguf
 
+# How llama.cpp splits text before BPE for each tokenizer.ggml.pre name we write: the regex llm_tokenizer_bpe runs
+# for it and the ignore_merges flag llama_vocab::impl::load sets for it, copied from src/llama-vocab.cpp of llama.cpp
+# as vendored in llama-cpp-python 0.3.36. Only names that transformers' GGUF reader maps to the same split are here.
+# For gpt-4o and tekken llama.cpp runs an approximation of the tokenizer.json regex (its comments there quote the
+# original): it tells letter case apart by ASCII a-z and A-Z only and admits no combining mark where the original
+# does; it is still the name llama.cpp's converter writes for those tokenizers. "default" (llama.cpp's name for a
+# BPE that names none) is not GPT-2's split: it cuts out punctuation runs first and digit runs into threes.
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3 = _CONTRACTIONS + (r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                           r"|\s+(?!\S)|\s+")
+_UPPER, _LOWER = r"((?=[\p{L}])([^a-z]))", r"((?=[\p{L}])([^A-Z]))"
+LLAMA_CPP_SPLITS = {  # name: (regex, ignore_merges)
+    "gpt-2": (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)", False),
+    "llama-bpe": (_LLAMA3, True),
+    "dbrx": (_LLAMA3, False),
+    "qwen2": (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+              False),
+    "qwen35": (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+", False),
+    "gpt-4o": (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+               rf"{_CONTRACTIONS}?|\p{{N}}{{1,3}}| ?[^\s\p{{L}}\p{{N}}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+", False),
+    "tekken": (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*|\p{{N}}"
+               rf"| ?[^\s\p{{L}}\p{{N}}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+", True),
+}
 
-def pre_tokenizer_name(spec: dict | None) -> str | None:
-    """tokenizer.ggml.pre for a tokenizer.json pre_tokenizer: "default" for plain byte-level (GPT-2 regex), the
-    name transformers' GGUF reader maps to the same split regex, or None when no name gives that regex.
-    (convert_hf_to_gguf.py picks the name by hashing the tokenizer's output on a test text.)"""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
-    regexes = [p["pattern"]["Regex"] for p in (spec or {}).get("pretokenizers", [spec or {}])
-               if p.get("type") == "Split" and "Regex" in p.get("pattern", {})]
-    if not regexes:
-        return "default" if (spec or {}).get("type") == "ByteLevel" else None
-    return next((name for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items() if regex == regexes[0]), None)
+def as_llama_cpp(regex: str) -> str:
+    """A tokenizer.json split regex as llama-vocab.cpp spells it: its std::regex has no (?i:), so the contractions
+    are spelt out in both cases, and gpt-4o's and tekken's letter-case classes become ASCII-case lookaheads."""
+    return (regex.replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)", _CONTRACTIONS)
+            .replace(r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", _UPPER).replace(r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]", _LOWER))
+
+
+def pre_tokenizer_name(tokenizer_json: dict) -> str | None:
+    r"""tokenizer.ggml.pre for a tokenizer.json: the llama.cpp name that splits text as its pre_tokenizer does
+    (of two, the one that takes its BPE model's ignore_merges), or None when none does. ByteLevel with use_regex
+    splits with GPT-2's regex ("gpt-2"; llama.cpp leaves off its last alternative, |\s+, which its GPT-2 splitter
+    applies all the same); an isolating Split(regex) then ByteLevel without it splits with that regex.
+    (convert_hf_to_gguf.py picks the name by hashing the tokenizer's output on a test text, which only knows the
+    vocabularies it has seen; this picks by the split itself.)"""
+    spec = tokenizer_json.get("pre_tokenizer") or {}
+    steps = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else [spec]
+    *splits, last = steps or [{}]
+    if last.get("type") != "ByteLevel" or last.get("add_prefix_space", True):
+        return None
+    if not splits and last.get("use_regex", True):
+        regex = LLAMA_CPP_SPLITS["gpt-2"][0]
+    elif (len(splits) == 1 and not last.get("use_regex", True) and splits[0].get("type") == "Split"
+          and splits[0].get("behavior") == "Isolated" and not splits[0].get("invert")
+          and "Regex" in splits[0].get("pattern", {})):
+        regex = as_llama_cpp(splits[0]["pattern"]["Regex"])
+    else:
+        return None
+    ignore_merges = bool(tokenizer_json.get("model", {}).get("ignore_merges"))
+    names = [name for name, (split, _) in LLAMA_CPP_SPLITS.items() if split == regex]
+    return min(names, key=lambda name: LLAMA_CPP_SPLITS[name][1] != ignore_merges, default=None)
 
 
 def add_tokenizer(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> bool:
@@ -27,7 +71,7 @@ def add_tokenizer(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> bool:
     if not path.exists():
         return False
     spec = json.loads(path.read_text())
-    pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
+    pre = pre_tokenizer_name(spec)
     if spec.get("model", {}).get("type") != "BPE" or pre is None:
         return False
     from transformers import AutoTokenizer
