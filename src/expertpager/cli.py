@@ -113,8 +113,8 @@ def run(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
     seed: int = typer.Option(0, "--seed"),
     io: str = typer.Option("auto", "--io", help="Page-in I/O: auto, direct (O_DIRECT), buffered+dontneed, buffered."),
-    expert_cache: str = typer.Option("dequantized", "--expert-cache",
-                                     help="What the cache holds for quantized slices: dequantized (decoded once at page-in) or raw (decoded on every use)."),
+    expert_cache: str = typer.Option("auto", "--expert-cache",
+                                     help="What the cache holds for quantized slices: compact (int4/int8 at about the stored size, bfloat16 compute; the default for a quantized GGUF), dequantized (decoded once at page-in) or raw (decoded on every use). auto picks compact where it applies."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: tokens, text, stats."),
 ) -> None:
     """Generate text with expert slices paged from disk under a memory budget (greedy by default)."""

@@ -18,16 +18,20 @@ from ..pager.replay import slot_needs
 from ..pager.decode import staging_bytes
 from ..sizes import parse_size
 from .gguf_model import build_gguf_model, gguf_dtype
+from .compact import compactor
 from .paged_experts import DTYPE_NAMES, PagedExperts, dequantizer, realigner, resident_offsets, stored_offsets
 from .moe_layers import moe_layers
 from .predictors import NextLayer, Predictor, make_predictors
 from .prefetcher import Prefetcher
 from .speculator import Speculator, find_speculator
 
-EXPERT_CACHES = ("dequantized", "raw")
+EXPERT_CACHES = ("auto", "compact", "dequantized", "raw")
 DEFAULT_EXPERT_CACHE = EXPERT_CACHES[0]
-"""What the cache holds for slices not stored in the compute dtype: the dequantized tensors (decoded once at
-page-in; a hit is a plain matmul) or the raw blocks (compact; decoded on every use). See bench/README.md."""
+"""What the cache holds for slices not stored in the compute dtype: compact (int4/int8 layouts torch's CPU kernels
+multiply directly, at about the stored size, bfloat16 compute; see runtime/compact.py), the dequantized tensors
+(decoded once at page-in; a hit is a plain matmul) or the raw blocks (decoded on every use). auto: compact for a
+quantized GGUF whose experts carry no biases, else dequantized. See bench/README.md."""
+FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 EXPERTS_MODULE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts$")
 EXPERT_KEYS = [r"\.experts\."] + [r"\.experts\.(gate_up_proj|down_proj)", r"block_sparse_moe\.(input|output)_linear"]
@@ -52,8 +56,27 @@ def paged_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
     })
 
 
-def compute_dtype(layout: Layout, dtype: torch.dtype | str) -> torch.dtype:
-    """The dtype the model computes in: as asked, or for "auto" the checkpoint's own (GGUF: see gguf_dtype)."""
+def resolve_tier(layout: Layout, expert_cache: str) -> str:
+    """The expert cache tier `expert_cache` names, with "auto" resolved (see EXPERT_CACHES)."""
+    if expert_cache not in EXPERT_CACHES:
+        raise ExpertPagerError(f"unknown expert cache {expert_cache!r}: use one of {', '.join(EXPERT_CACHES)}")
+    parts = [p for s in layout.slices.values() for p in s.parts]
+    compactable = any(p.dtype not in FLOAT_TYPES for p in parts) and not any(p.role.endswith("_bias") for p in parts)
+    if expert_cache == "compact" and not compactable:
+        raise ExpertPagerError(f"{layout.path}: the compact expert cache needs quantized experts without biases; "
+                               "use --expert-cache dequantized")
+    if expert_cache == "auto":
+        return "compact" if compactable else "dequantized"
+    return expert_cache
+
+
+def compute_dtype(layout: Layout, dtype: torch.dtype | str, tier: str = "dequantized") -> torch.dtype:
+    """The dtype the model computes in: as asked, or for "auto" the checkpoint's own (GGUF: see gguf_dtype), and
+    always bfloat16 in the compact tier (its kernels take bfloat16 activations)."""
+    if tier == "compact":
+        if dtype not in ("auto", "bfloat16", torch.bfloat16):
+            raise ExpertPagerError(f"the compact expert cache computes in bfloat16, not {dtype}; use --expert-cache dequantized")
+        return torch.bfloat16
     if layout.weights_format == "gguf":
         return gguf_dtype(layout, dtype)
     if isinstance(dtype, torch.dtype):
@@ -71,11 +94,12 @@ def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype) -> tuple[
     """The cache's decode step (None: it holds the stored bytes) and the slices as it serves them. The dequantized
     tier decodes only when some part is not already stored in the compute dtype; slices stored in it whose weights
     would sit at another alignment than the resident model's are moved to it in their slot once per page-in."""
-    if expert_cache not in EXPERT_CACHES:
-        raise ExpertPagerError(f"unknown expert cache {expert_cache!r}: use one of {', '.join(EXPERT_CACHES)}")
+    tier = resolve_tier(layout, expert_cache)
     stored = {p.dtype for s in layout.slices.values() for p in s.parts}
-    if expert_cache == "raw":
+    if tier == "raw":
         return None, layout.slices
+    if tier == "compact":
+        return compactor(layout.slices)
     offsets = expert_offsets(layout, dtype)
     if stored != {DTYPE_NAMES.get(dtype)}:
         return dequantizer(layout.slices, dtype, offsets)
@@ -120,7 +144,7 @@ def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int |
 
 def min_cache_bytes(layout: Layout, expert_cache: str = DEFAULT_EXPERT_CACHE, dtype: torch.dtype | str = "auto") -> int:
     """The smallest cache `load` accepts: one layer's top-k slots as the tier holds them, plus decode staging."""
-    decoder, _ = expert_tier(layout, expert_cache, compute_dtype(layout, dtype))
+    decoder, _ = expert_tier(layout, expert_cache, compute_dtype(layout, dtype, resolve_tier(layout, expert_cache)))
     return plan_budget(layout, None, None, decoder).min_cache_bytes
 
 
@@ -149,13 +173,14 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
 
     max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
     directly, bytes or a percentage of all expert bytes as stored ('25%'); neither: every slice fits.
-    expert_cache: "dequantized" or "raw", what the cache holds for quantized slices (see EXPERT_CACHES).
+    expert_cache: "auto", "compact", "dequantized" or "raw", what the cache holds for quantized slices (see
+    EXPERT_CACHES).
     predictors: 'next-layer,temporal,domain' or Predictor instances, fed by `model.prefetcher`; profiles: the
     domain predictor's folder. speculator: the fitted maps next-layer prediction uses: None (default) the model
     folder's `speculator.safetensors` when there is one, a path to such a file, or False for the plain routers;
     `model.speculator` is the one in use."""
     layout = read_layout(model_ref)
-    dtype = compute_dtype(layout, dtype)
+    dtype = compute_dtype(layout, dtype, resolve_tier(layout, expert_cache))
     decoder, served = expert_tier(layout, expert_cache, dtype)
     offsets = expert_offsets(layout, dtype)
     plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype)  # fails fast, before the model loads

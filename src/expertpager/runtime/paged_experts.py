@@ -18,11 +18,12 @@ from transformers.integrations.moe import _can_use_grouped_mm
 
 from ..model.layout import ExpertSlice, SliceKey
 from ..pager import Decoder, plan_reads
+from .compact import compact_project, compact_tensors, is_compact
 from .dequant import dequantize
+from .matrices import ALIGN, MATRICES
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
-ALIGN = 64  # bytes: a cache line, the widest vector load
 
 
 def _weights(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -30,10 +31,6 @@ def _weights(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tenso
     if dtype in TORCH_DTYPES:
         return torch.from_numpy(raw).view(TORCH_DTYPES[dtype]).view(shape)
     return dequantize(torch.from_numpy(raw), dtype, shape)
-
-
-MATRICES = {"gate_up": ("gate", "up", "gate_up"), "down": ("down",)}
-"""Each weight matrix of transformers' experts module, by the slice roles that build it."""
 
 
 def resident_offsets(s: ExpertSlice, dtype: torch.dtype, in_place: bool) -> dict[str, int]:
@@ -235,6 +232,8 @@ class PagedExperts(nn.Module):
 
     def _tensors(self, expert: int, buf) -> dict[str, torch.Tensor]:
         """The tensors of one pinned expert, built once per pin, each weight at its resident address modulo ALIGN."""
+        if is_compact(self.slices[expert]):
+            return compact_tensors(self.slices[expert], buf.views)
         tensors = slice_tensors(self.slices[expert], buf.views, self.dtype, self.transpose)
         for matrix, offset in self.offsets.get(expert, {}).items():
             tensors[matrix] = at_offset(tensors[matrix], offset)
@@ -244,6 +243,11 @@ class PagedExperts(nn.Module):
                  out: torch.Tensor | None) -> torch.Tensor:
         """Rows `rows` of x through one expert's gate_up or down matrix (plus bias), written into those rows of
         `out` (allocated on first use, over all of x's rows) as torch's grouped_mm writes each group."""
+        if w[which].dtype in (torch.uint8, torch.int8):  # the compact tier
+            y = compact_project(x[rows], w, which)
+            out = x.new_empty(x.shape[0], y.shape[1]) if out is None else out
+            out[rows] = y
+            return out
         weight = w[which] if self.is_transposed else w[which].transpose(-2, -1)
         if out is None:
             out = grouped_output(x, weight)

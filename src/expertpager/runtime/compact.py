@@ -1,0 +1,121 @@
+"""The compact expert tier: quantized GGUF slices held at about their stored size, in the layouts that torch's
+weight-only CPU kernels multiply directly with bfloat16 activations, transcoded once at page-in.
+
+- Q4_0, Q4_1 and Q4_K matrices become torch's packed int4 with one (scale, zero) pair per 32 weights: the same
+  groups and 4-bit codes, so the only change is rounding each group's scale and zero to bfloat16
+  (`_weight_int4pack_mm_for_cpu`, 0.625 bytes a weight against Q4_K's 0.5625).
+- Every other type (Q5_*, Q6_K, Q8_0, F16, ...), and matrices whose shape the int4 kernel refuses (rows not a
+  multiple of 16 or 32-weight groups), is requantized to int8 with one bfloat16 scale per output row
+  (`_weight_int8pack_mm`, 1 byte a weight): the one lossy step of this tier beyond bfloat16.
+Paged output equals the same tier fully cached bit for bit; its difference from the float32 tier is measured in
+bench/compact.py and README.md."""
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from ..model.layout import ExpertSlice, SliceKey, TensorPart
+from ..pager import Decoder
+from .dequant import BLOCKS, QK_K, _f16, _k_scale_min, _nibbles, dequantize
+from .matrices import ALIGN, MATRICES
+
+GROUP = 32
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def int4_fields(raw: torch.Tensor, qtype: str, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_0/Q4_1/Q4_K matrix of `rows` rows as (codes [rows, K] int32 in 0..15, scale [rows, K/32], zero
+    [rows, K/32]) in float32, such that weight = (code - 8) * scale + zero for each group of 32."""
+    size = BLOCKS[qtype][1]
+    b = raw.reshape(-1, size)
+    if qtype == "Q4_0":
+        scale = _f16(b[:, :2])
+        return _nibbles(b[:, 2:], 16).reshape(rows, -1).int(), scale.reshape(rows, -1), torch.zeros_like(scale).reshape(rows, -1)
+    if qtype == "Q4_1":
+        scale, low = _f16(b[:, :2]), _f16(b[:, 2:4])
+        return _nibbles(b[:, 4:], 16).reshape(rows, -1).int(), scale.reshape(rows, -1), (8 * scale + low).reshape(rows, -1)
+    sc, mn = _k_scale_min(b[:, 4:16])  # Q4_K: weight = d * sc * q - dmin * mn, per group of 32
+    scale = _f16(b[:, :2]) * sc.float()
+    low = _f16(b[:, 2:4]) * mn.float()
+    codes = _nibbles(b[:, 16:], 32).reshape(-1, QK_K // 32, 32)
+    return codes.reshape(rows, -1).int(), scale.reshape(rows, -1), (8 * scale - low).reshape(rows, -1)
+
+
+def _int4_ok(parts: list[TensorPart]) -> bool:
+    rows, cols = sum(p.shape[0] for p in parts), parts[0].shape[-1]
+    return all(p.dtype in INT4_TYPES for p in parts) and rows % 16 == 0 and cols % GROUP == 0
+
+
+def compact_parts(s: ExpertSlice) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The served parts of a compact slice: (role, dtype, shape) of each packed matrix and its scales."""
+    roles = {p.role: p for p in s.parts}
+    out = []
+    for matrix, names in MATRICES.items():
+        parts = [roles[r] for r in names if r in roles]
+        rows, cols = sum(p.shape[0] for p in parts), parts[0].shape[-1]
+        if _int4_ok(parts):
+            out += [(matrix, "U8", (rows, cols // 2)), (matrix + "_sz", "BF16", (cols // GROUP, rows, 2))]
+        else:
+            out += [(matrix, "I8", (rows, cols)), (matrix + "_scale", "BF16", (rows,))]
+    return out
+
+
+def compactor(slices: Mapping[SliceKey, ExpertSlice]) -> tuple[Decoder, dict[SliceKey, ExpertSlice]]:
+    """A pager decode step that transcodes each slice to the compact layout, and the slices as the cache serves them
+    (parts at aligned slot offsets; dtype U8 packed int4, I8 int8 rows, BF16 scales). Slices with biases (gpt-oss)
+    are not supported: they keep the dequantized tier."""
+    served = {}
+    for key, s in slices.items():
+        parts, pos = [], 0
+        for role, dtype, shape in compact_parts(s):
+            pos += -pos % ALIGN
+            n = math.prod(shape) * (2 if dtype == "BF16" else 1)
+            parts.append(TensorPart(role, "", pos, n, dtype, shape))
+            pos += n
+        served[key] = ExpertSlice(s.layer, s.expert, tuple(parts))
+
+    def decode(key: SliceKey, raw: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
+        roles = {p.role: p for p in slices[key].parts}
+        for role, tensor in transcode(roles, {r: torch.from_numpy(v) for r, v in raw.items()}).items():
+            target = torch.from_numpy(out[role])
+            target.copy_(tensor.reshape(-1).view(torch.uint8))
+
+    views = {k: tuple((p.role, p.offset, p.length) for p in s.parts) for k, s in served.items()}
+    return Decoder(views, decode), served
+
+
+def transcode(roles: Mapping[str, TensorPart], raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The compact tensors of one slice from its stored bytes (uint8 tensors by role)."""
+    out = {}
+    for matrix, names in MATRICES.items():
+        parts = [roles[r] for r in names if r in roles]
+        if _int4_ok(parts):
+            fields = [int4_fields(raw[p.role], p.dtype, p.shape[0]) for p in parts]
+            codes, scale, zero = (torch.cat(f) for f in zip(*fields))
+            out[matrix] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            out[matrix + "_sz"] = torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()
+        else:
+            w = torch.cat([dequantize(raw[p.role], p.dtype, p.shape) for p in parts])
+            scale = w.abs().amax(dim=1).clamp(min=1e-30) / 127
+            out[matrix] = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            out[matrix + "_scale"] = scale.to(torch.bfloat16)
+    return out
+
+
+def compact_tensors(s: ExpertSlice, views: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Zero-copy tensors over a pinned compact slice."""
+    dtypes = {"U8": torch.uint8, "I8": torch.int8, "BF16": torch.bfloat16}
+    return {p.role: torch.from_numpy(views[p.role]).view(dtypes[p.dtype]).view(p.shape) for p in s.parts}
+
+
+def is_compact(s: ExpertSlice) -> bool:
+    return any(p.role.endswith(("_sz", "_scale")) for p in s.parts)
+
+
+def compact_project(x: torch.Tensor, w: Mapping[str, torch.Tensor], which: str) -> torch.Tensor:
+    """x [rows, in] (bfloat16) through one compact matrix."""
+    if which + "_sz" in w:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[which], GROUP, w[which + "_sz"])
+    return torch.ops.aten._weight_int8pack_mm(x, w[which], w[which + "_scale"])

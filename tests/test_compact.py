@@ -1,0 +1,65 @@
+"""The compact tier: int4 codes equal the GGUF blocks' own, paged equals fully cached bit for bit, slots cost about
+the stored bytes, and its difference from the float32 tier stays small."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from expertpager.errors import ExpertPagerError
+from expertpager.runtime.compact import int4_fields
+from expertpager.runtime.load import load, resolve_tier
+from expertpager.model.read_layout import read_layout
+from test_dequant import random_blocks
+from test_paged_inference import PROMPT, assert_same, logits_trace, min_cache
+from tiny_gguf import write_tiny_gguf
+from tiny_models import save_tiny
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_int4_fields_rebuild_the_blocks(qtype):
+    rows, cols = 16, 512
+    blocks = random_blocks(qtype, rows, cols // gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0], seed=1)
+    expected = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype])).reshape(rows, cols)
+    codes, scale, zero = int4_fields(torch.from_numpy(blocks.reshape(-1)), qtype, rows)
+    assert codes.min() >= 0 and codes.max() <= 15
+    rebuilt = (codes.float() - 8).reshape(rows, -1, 32) * scale[..., None] + zero[..., None]
+    assert torch.allclose(rebuilt.reshape(rows, cols), expected, rtol=0, atol=1e-5)
+
+
+def test_compact_paged_equals_fully_cached(tmp_path):
+    path = write_tiny_gguf(tmp_path / "mixed.gguf", "llama")  # layers in Q4_0 (int4), F16, BF16, Q8_0 (int8)
+    assert resolve_tier(read_layout(path), "auto") == "compact"
+    everything = load(path)
+    served = {p.dtype for m in everything.modules() if hasattr(m, "slices") for s in m.slices.values() for p in s.parts}
+    assert {"U8", "I8"} <= served  # both kernels in use
+    reference = logits_trace(everything, PROMPT, 6)
+    smallest = load(path, cache=min_cache(path, "compact"), policy="lru")
+    assert_same(reference, logits_trace(smallest, PROMPT, 6), "compact tier, smallest cache")
+    assert smallest.pager.stats_snapshot().evictions > 0 and smallest.dtype == torch.bfloat16
+
+
+def test_compact_slots_cost_about_the_stored_bytes(tmp_path):
+    path = write_tiny_gguf(tmp_path / "q4.gguf", "llama", quants=("Q4_0",))
+    model = load(path)
+    for m in model.modules():
+        for e, s in getattr(m, "slices", {}).items():
+            stored = model.layout.slices[(m.layer, e)].nbytes
+            assert sum(p.length for p in s.parts) <= 1.15 * stored + 3 * 64  # int4 + bf16 scale/zero per 32
+
+
+def test_compact_close_to_float32(tmp_path):
+    path = write_tiny_gguf(tmp_path / "mixed.gguf", "llama")
+    compact = logits_trace(load(path), PROMPT, 0)[0].float()
+    full = logits_trace(load(path, expert_cache="dequantized", dtype="float32"), PROMPT, 0)[0]
+    assert (compact - full).abs().max() < 0.1 * full.abs().max()
+    assert (compact.argmax(-1) == full.argmax(-1)).float().mean() >= 0.75
+
+
+def test_compact_refuses_what_it_cannot_hold(tmp_path):
+    folder = save_tiny("qwen3_moe", tmp_path / "hf")
+    with pytest.raises(ExpertPagerError, match="compact expert cache needs quantized experts"):
+        load(folder, expert_cache="compact")
+    path = write_tiny_gguf(tmp_path / "q4.gguf", "llama", quants=("Q4_0",))
+    with pytest.raises(ExpertPagerError, match="computes in bfloat16"):
+        load(path, dtype="float32", expert_cache="compact")
