@@ -44,8 +44,8 @@ def int4_fields(raw: torch.Tensor, qtype: str, rows: int) -> tuple[torch.Tensor,
 
 
 def _int4_ok(parts: list[TensorPart]) -> bool:
-    rows, cols = sum(p.shape[0] for p in parts), parts[0].shape[-1]
-    return all(p.dtype in INT4_TYPES for p in parts) and rows % 16 == 0 and cols % GROUP == 0
+    rows = sum(p.shape[0] for p in parts)
+    return all(packs_as_int4(p.dtype, (rows, *p.shape[1:])) for p in parts)
 
 
 def compact_parts(s: ExpertSlice) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -91,17 +91,52 @@ def transcode(roles: Mapping[str, TensorPart], raw: Mapping[str, torch.Tensor]) 
     out = {}
     for matrix, names in MATRICES.items():
         parts = [roles[r] for r in names if r in roles]
-        if _int4_ok(parts):
-            fields = [int4_fields(raw[p.role], p.dtype, p.shape[0]) for p in parts]
-            codes, scale, zero = (torch.cat(f) for f in zip(*fields))
-            out[matrix] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-            out[matrix + "_sz"] = torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()
-        else:
-            w = torch.cat([dequantize(raw[p.role], p.dtype, p.shape) for p in parts])
-            scale = w.abs().amax(dim=1).clamp(min=1e-30) / 127
-            out[matrix] = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-            out[matrix + "_scale"] = scale.to(torch.bfloat16)
+        packed = pack_matrix([(raw[p.role], p.dtype, p.shape) for p in parts], _int4_ok(parts))
+        out.update({matrix + suffix: t for suffix, t in packed.items()})
     return out
+
+
+def pack_matrix(parts: list[tuple[torch.Tensor, str, tuple[int, ...]]], int4: bool, chunk: int = 4096) -> dict[str, torch.Tensor]:
+    """One [rows, cols] matrix, stacked from `parts` (stored bytes, GGML type, numpy-order shape), as compact tensors
+    keyed by suffix: "" the int4-packed or int8 weights, "_sz" or "_scale" their bfloat16 scales. Large parts go
+    `chunk` rows at a time (a multiple of 64: torch's int4 packing is row-independent in blocks of 64), so a
+    vocabulary-sized matrix never exists in float32 at once."""
+    if len(parts) > 1:  # an expert's gate and up: small; stacked before packing, which spans row blocks of 64
+        fields = [int4_fields(raw, qtype, shape[0]) if int4 else dequantize(raw, qtype, shape) for raw, qtype, shape in parts]
+        return _pack([torch.cat(f) for f in zip(*fields)] if int4 else torch.cat(fields), int4)
+    (raw, qtype, shape), = parts
+    rows = shape[0]
+    chunks = []
+    for r in range(0, rows, chunk):
+        n = min(chunk, rows - r)
+        piece = raw.reshape(rows, -1)[r:r + n].reshape(-1)
+        chunks.append(_pack(int4_fields(piece, qtype, n) if int4 else dequantize(piece, qtype, (n, *shape[1:])), int4))
+    if int4:
+        return {"": torch.cat([c[""] for c in chunks]), "_sz": torch.cat([c["_sz"] for c in chunks], dim=1).contiguous()}
+    return {"": torch.cat([c[""] for c in chunks]), "_scale": torch.cat([c["_scale"] for c in chunks])}
+
+
+def _pack(values, int4: bool) -> dict[str, torch.Tensor]:
+    """int4: (codes, scale, zero) from int4_fields, packed; else float weights [rows, cols] as int8 rows."""
+    if int4:
+        codes, scale, zero = values
+        return {"": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
+                "_sz": torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()}
+    scale = values.abs().amax(dim=1).clamp(min=1e-30) / 127
+    return {"": torch.round(values / scale[:, None]).clamp(-127, 127).to(torch.int8), "_scale": scale.to(torch.bfloat16)}
+
+
+def packs_as_int4(qtype: str, shape: tuple[int, ...]) -> bool:
+    """Whether a [rows, cols] matrix of `qtype` goes to int4 (else int8 rows)."""
+    return qtype in INT4_TYPES and shape[0] % 16 == 0 and shape[-1] % GROUP == 0
+
+
+def compact_bytes(qtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes a [rows, cols] matrix of `qtype` takes once packed."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    if packs_as_int4(qtype, shape):
+        return rows * cols // 2 + cols // GROUP * rows * 4
+    return rows * cols + rows * 2
 
 
 def compact_tensors(s: ExpertSlice, views: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
