@@ -28,7 +28,8 @@ def test_int4_fields_rebuild_the_blocks(qtype):
 
 
 def test_compact_paged_equals_fully_cached(tmp_path):
-    path = write_tiny_gguf(tmp_path / "mixed.gguf", "llama")  # layers in Q4_0 (int4), F16, BF16, Q8_0 (int8)
+    # layers in Q4_0 (int4), F16, BF16, Q8_0 (int8); embedding and output Q8_0, attention Q4_0
+    path = write_tiny_gguf(tmp_path / "mixed.gguf", "llama", resident=("Q8_0", "Q4_0"))
     assert resolve_tier(read_layout(path), "auto") == "compact"
     everything = load(path)
     served = {p.dtype for m in everything.modules() if hasattr(m, "slices") for s in m.slices.values() for p in s.parts}
@@ -37,6 +38,8 @@ def test_compact_paged_equals_fully_cached(tmp_path):
     smallest = load(path, cache=min_cache(path, "compact"), policy="lru")
     assert_same(reference, logits_trace(smallest, PROMPT, 6), "compact tier, smallest cache")
     assert smallest.pager.stats_snapshot().evictions > 0 and smallest.dtype == torch.bfloat16
+    kinds = {type(m).__name__ for m in everything.modules()}
+    assert {"CompactLinear", "BlockEmbedding"} <= kinds  # resident linears and the embedding stay compact
 
 
 def test_compact_slots_cost_about_the_stored_bytes(tmp_path):

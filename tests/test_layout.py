@@ -129,9 +129,9 @@ def test_qwen3_30b_geometry_matches_reference_arithmetic(tmp_path):
     assert round(g["expert_bytes"] / 1e9, 2) == 17.55
     plan = describe(read_layout(tmp_path / "q30.gguf"), max_memory=8 * 10**9)["plan"]
     # a quantized GGUF runs in the compact tier by default: int4 gate/up and int8 down (Q6_K) with bf16 scales,
-    # whole 4 KiB blocks a slot (1.16x the stored 3,059,712 bytes); resident 1.541B weights in bfloat16
+    # whole 4 KiB blocks a slot (1.16x the stored 3,059,712 bytes); resident linears packed, embedding as stored
     assert plan["fits"] and plan["slice_bytes"] == 3_543_040
-    assert round(plan["resident_bytes"] / 1e9, 2) == round(1.541 * 2, 2)
+    assert plan["resident_bytes"] <= 1.3 * g["resident_bytes"]
     assert plan["cache_slices"] == (plan["cache_bytes"] - plan["staging_bytes"]) // plan["slice_bytes"]
 
 

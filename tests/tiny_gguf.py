@@ -20,8 +20,9 @@ def _encode(x: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizatio
 
 
 def write_tiny_gguf(path: Path, arch: str = "qwen3moe", quants: tuple[str, ...] = QUANTS, fused: bool = False,
-                    split_max_tensors: int = 0, seed: int = 0) -> Path:
-    """Write a tiny MoE GGUF of `arch`; layer i's experts use quants[i % len(quants)]. Returns the (first) path."""
+                    split_max_tensors: int = 0, seed: int = 0, resident: tuple[str, str] = ("F32", "F32")) -> Path:
+    """Write a tiny MoE GGUF of `arch`; layer i's experts use quants[i % len(quants)]; `resident` gives the types of
+    the embedding and output, and of the attention matrices. Returns the (first) path."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_block_count(LAYERS)
@@ -39,16 +40,16 @@ def write_tiny_gguf(path: Path, arch: str = "qwen3moe", quants: tuple[str, ...] 
         data, raw = _encode(rng.standard_normal(shape).astype(np.float32) * 0.2, qtype)
         w.add_tensor(name, data, raw_dtype=raw)
 
-    add("token_embd.weight", (VOCAB, H))
+    add("token_embd.weight", (VOCAB, H), resident[0])
     add("output_norm.weight", (H,))
-    add("output.weight", (VOCAB, H))
+    add("output.weight", (VOCAB, H), resident[0])
     dense_first = arch == "deepseek2"
     for i in range(LAYERS):
         add(f"blk.{i}.attn_norm.weight", (H,))
-        add(f"blk.{i}.attn_q.weight", (H, H))
-        add(f"blk.{i}.attn_k.weight", (H // 2, H))
-        add(f"blk.{i}.attn_v.weight", (H // 2, H))
-        add(f"blk.{i}.attn_output.weight", (H, H))
+        add(f"blk.{i}.attn_q.weight", (H, H), resident[1])
+        add(f"blk.{i}.attn_k.weight", (H // 2, H), resident[1])
+        add(f"blk.{i}.attn_v.weight", (H // 2, H), resident[1])
+        add(f"blk.{i}.attn_output.weight", (H, H), resident[1])
         add(f"blk.{i}.ffn_norm.weight", (H,))
         if dense_first and i == 0:
             for n, s in (("gate", (2 * I, H)), ("up", (2 * I, H)), ("down", (H, 2 * I))):

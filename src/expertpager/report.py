@@ -37,7 +37,8 @@ def describe(layout: Layout, max_memory: int | None = None) -> dict:
     if max_memory is not None:
         from .runtime.load import DEFAULT_EXPERT_CACHE, compute_dtype, expert_tier, plan_budget, resolve_tier
 
-        dtype = compute_dtype(layout, "auto", resolve_tier(layout, DEFAULT_EXPERT_CACHE))
+        tier = resolve_tier(layout, DEFAULT_EXPERT_CACHE)
+        dtype = compute_dtype(layout, "auto", tier)
         decoder, _ = expert_tier(layout, DEFAULT_EXPERT_CACHE, dtype)
-        out["plan"] = plan_budget(layout, max_memory, None, decoder, dtype=dtype).to_dict()
+        out["plan"] = plan_budget(layout, max_memory, None, decoder, dtype=dtype, tier=tier).to_dict()
     return out

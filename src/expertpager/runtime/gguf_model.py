@@ -6,14 +6,17 @@ Expert tensors are not read here; they stay quantized on disk and are dequantize
 import gguf
 import numpy as np
 import torch
+from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from ..errors import ExpertPagerError
 from ..model.gguf_config import gguf_arch, hf_config_dict
 from ..model.layout import Layout, ResidentTensor
+from .compact_modules import BlockEmbedding, CompactLinear
 from .dequant import dequantize, quant_nbytes
 
+FLOAT_TYPES = {"F32", "F16", "BF16"}
 FILE_TYPE_DTYPES = {gguf.LlamaFileType.ALL_F32: torch.float32, gguf.LlamaFileType.MOSTLY_F16: torch.float16,
                     gguf.LlamaFileType.MOSTLY_BF16: torch.bfloat16}
 
@@ -58,10 +61,7 @@ def gguf_name(names: gguf.TensorNameMap, hf_name: str) -> str | None:
 
 def read_tensor(t: ResidentTensor) -> torch.Tensor:
     """A resident GGUF tensor's bytes, dequantized to float32 in its stored (numpy-order) shape."""
-    raw = np.fromfile(t.file, dtype=np.uint8, count=t.length, offset=t.offset)
-    if raw.size != t.length:
-        raise ExpertPagerError(f"{t.file}: tensor {t.name!r} is truncated")
-    return dequantize(torch.from_numpy(raw), t.dtype, t.shape)
+    return dequantize(read_raw(t), t.dtype, t.shape)
 
 
 def read_kv_b(tensors: dict[str, ResidentTensor], name: str) -> torch.Tensor | None:
@@ -90,8 +90,52 @@ def check_slices(layout: Layout) -> None:
                                        f"{p.dtype} tensor of shape {list(p.shape)} has {need}")
 
 
-def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: torch.dtype | str = "auto") -> PreTrainedModel:
-    """`model_class` (a paged transformers class) built from the GGUF's metadata with its resident weights loaded."""
+def read_raw(t: ResidentTensor) -> torch.Tensor:
+    """A resident GGUF tensor's stored bytes (uint8)."""
+    raw = np.fromfile(t.file, dtype=np.uint8, count=t.length, offset=t.offset)
+    if raw.size != t.length:
+        raise ExpertPagerError(f"{t.file}: tensor {t.name!r} is truncated")
+    return torch.from_numpy(raw)
+
+
+def compact_resident(model: PreTrainedModel, layout: Layout, names: gguf.TensorNameMap,
+                     tensors: dict[str, ResidentTensor]) -> set[str]:
+    """Replace each linear layer and token embedding whose GGUF tensor is quantized by its compact module
+    (CompactLinear, BlockEmbedding), one tensor read at a time; returns the GGUF tensors used. A tied embedding
+    (no output.weight) stays a plain one, as lm_head shares it."""
+    arch, config = gguf_arch(layout), model.config
+    used = set()
+    for module_name, module in list(model.named_modules()):
+        name = gguf_name(names, module_name + ".weight") if isinstance(module, (nn.Linear, nn.Embedding)) else None
+        t = tensors.get(name or "")
+        if t is None or t.dtype in FLOAT_TYPES or len(t.shape) != 2 or tuple(t.shape) != tuple(module.weight.shape):
+            continue
+        if isinstance(module, nn.Embedding):
+            if "output.weight" not in tensors:
+                continue
+            new = BlockEmbedding(read_raw(t), t.dtype, t.shape)
+        else:
+            raw = read_raw(t).reshape(t.shape[0], -1)
+            if arch.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
+                kv = config.num_key_value_heads if "attn_k" in name else config.num_attention_heads
+                raw = unpermute_qk(raw, config.num_attention_heads, kv).contiguous()
+            bias_name = name.removesuffix("weight") + "bias"
+            bias = read_tensor(tensors[bias_name]) if module.bias is not None and bias_name in tensors else None
+            if (bias is None) != (module.bias is None):
+                continue
+            new = CompactLinear(raw.reshape(-1), t.dtype, t.shape, bias)
+            used.add(bias_name)
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        used.add(name)
+    return used
+
+
+def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: torch.dtype | str = "auto",
+                     compact: bool = False) -> PreTrainedModel:
+    """`model_class` (a paged transformers class) built from the GGUF's metadata with its resident weights loaded,
+    one tensor at a time; with `compact`, quantized linear layers and the embedding stay compact (see
+    compact_resident) and their full-size parameters are never written (so never resident)."""
     arch = gguf_arch(layout)
     check_slices(layout)
     kwargs = hf_config_dict(layout)
@@ -106,8 +150,12 @@ def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: 
     with torch.no_grad():
         # parameters, and buffers llama.cpp stores (deepseek's e_score_correction_bias), not rope tables
         buffers = [(n, b) for n, b in model.named_buffers() if gguf_name(names, n)]
+        if compact:
+            used |= compact_resident(model, layout, names, tensors)
         for hf_name, param in [*model.named_parameters(), *buffers]:
             name = gguf_name(names, hf_name)
+            if name in used:
+                continue
             if name in tensors:
                 value = read_tensor(tensors[name])
                 used.add(name)

@@ -1,5 +1,6 @@
 """Load a checkpoint as a transformers model whose expert weights stream through the pager."""
 
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +18,8 @@ from ..pager import Decoder, SliceCache, checksum_verifier
 from ..pager.replay import slot_needs
 from ..pager.decode import staging_bytes
 from ..sizes import parse_size
-from .gguf_model import build_gguf_model, gguf_dtype
-from .compact import compactor
+from .gguf_model import FLOAT_TYPES, build_gguf_model, gguf_dtype
+from .compact import compact_bytes, compactor
 from .paged_experts import DTYPE_NAMES, PagedExperts, dequantizer, realigner, resident_offsets, stored_offsets
 from .moe_layers import moe_layers
 from .predictors import NextLayer, Predictor, make_predictors
@@ -31,7 +32,6 @@ DEFAULT_EXPERT_CACHE = EXPERT_CACHES[0]
 multiply directly, at about the stored size, bfloat16 compute; see runtime/compact.py), the dequantized tensors
 (decoded once at page-in; a hit is a plain matmul) or the raw blocks (decoded on every use). auto: compact for a
 quantized GGUF whose experts carry no biases, else dequantized. See bench/README.md."""
-FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 EXPERTS_MODULE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts$")
 EXPERT_KEYS = [r"\.experts\."] + [r"\.experts\.(gate_up_proj|down_proj)", r"block_sparse_moe\.(input|output)_linear"]
@@ -110,11 +110,12 @@ def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype) -> tuple[
 
 def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
                 decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None,
-                extra_resident: int = 0) -> MemoryPlan:
+                extra_resident: int = 0, tier: str = "dequantized") -> MemoryPlan:
     """The cache size from `cache` (bytes or 'NN%' of all expert bytes as stored) or from the whole-process
     `max_memory`; everything fits when neither is given. Slots are sized as the cache holds slices (decoded when
     `decoder` is given, plus its staging buffers for `threads` workers); GGUF resident tensors count at `dtype`;
-    `extra_resident` bytes (a speculator's maps) count as resident too."""
+    `extra_resident` bytes (a speculator's maps) count as resident too; in the compact `tier` as the compact
+    resident modules hold them (resident_held)."""
     if max_memory is not None and cache is not None:
         raise ExpertPagerError("give either max_memory (the whole process) or cache (the expert cache), not both")
     raw = slot_needs(layout.slices)
@@ -135,11 +136,24 @@ def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int |
         plan = plan_cache(layout, size, slot, staging=staging)
     elif max_memory is not None:
         itemsize = dtype.itemsize if dtype is not None and layout.weights_format == "gguf" else None
-        plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging,
-                           resident=resident_in_memory(layout, itemsize) + extra_resident)
+        resident = resident_held(layout) if tier == "compact" else resident_in_memory(layout, itemsize)
+        plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging, resident=resident + extra_resident)
     else:
         plan = plan_cache(layout, sum(needs) + staging, slot, staging=staging)
     return plan
+
+
+def resident_held(layout: Layout) -> int:
+    """Bytes a quantized GGUF's resident tensors take in the compact tier: quantized matrices packed (the token
+    embedding as stored, unless lm_head shares it), everything else in bfloat16 (see gguf_model.compact_resident)."""
+    tied = not any(t.name == "output.weight" for t in layout.resident)
+    total = 0
+    for t in layout.resident:
+        if t.dtype in FLOAT_TYPES or len(t.shape) != 2 or (tied and t.name == "token_embd.weight"):
+            total += math.prod(t.shape) * 2
+        else:
+            total += t.length if t.name == "token_embd.weight" else compact_bytes(t.dtype, t.shape)
+    return total
 
 
 def min_cache_bytes(layout: Layout, expert_cache: str = DEFAULT_EXPERT_CACHE, dtype: torch.dtype | str = "auto") -> int:
@@ -150,9 +164,9 @@ def min_cache_bytes(layout: Layout, expert_cache: str = DEFAULT_EXPERT_CACHE, dt
 
 def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
                  decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None,
-                 extra_resident: int = 0) -> MemoryPlan:
+                 extra_resident: int = 0, tier: str = "dequantized") -> MemoryPlan:
     """plan_budget, with a clear error when the minimum cache does not fit."""
-    plan = plan_budget(layout, max_memory, cache, decoder, threads, dtype, extra_resident)
+    plan = plan_budget(layout, max_memory, cache, decoder, threads, dtype, extra_resident, tier)
     staging = plan.staging_bytes
     if not plan.fits:
         need = plan.min_cache_bytes + plan.resident_bytes + plan.reserve_bytes if max_memory is not None else plan.min_cache_bytes
@@ -183,10 +197,12 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     dtype = compute_dtype(layout, dtype, resolve_tier(layout, expert_cache))
     decoder, served = expert_tier(layout, expert_cache, dtype)
     offsets = expert_offsets(layout, dtype)
-    plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype)  # fails fast, before the model loads
+    tier = resolve_tier(layout, expert_cache)
+    plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, tier=tier)  # fails fast, before loading
     if layout.weights_format == "gguf":
         config = AutoConfig.for_model(gguf_arch(layout).model_type)
-        model = build_gguf_model(layout, paged_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]), dtype)
+        model = build_gguf_model(layout, paged_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]), dtype,
+                                 compact=tier == "compact")
     else:
         config = AutoConfig.from_pretrained(layout.path)
         base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
@@ -202,7 +218,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
         for p in unfitted:
             p.speculator = model.speculator
         if model.speculator is not None and max_memory is not None:  # its maps stay in memory too
-            plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, model.speculator.nbytes)
+            plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, model.speculator.nbytes, tier)
     verify = checksum_verifier(layout.slices, layout.checksums) if layout.checksums else None
     pager = SliceCache(layout.slices, plan.cache_bytes, policy=policy, io=io, threads=threads,
                        min_pinned=layout.experts_per_token, verify=verify, decode=decoder)

@@ -1,0 +1,47 @@
+"""Resident weights of a quantized GGUF in the compact tier: linear layers held as the compact experts' int4/int8
+layouts, the token embedding as its GGUF blocks (each looked-up row dequantized), so resident RAM is about the
+file's resident bytes. bfloat16 activations."""
+
+import torch
+from torch import nn
+
+from .compact import compact_project, pack_matrix, packs_as_int4
+from .dequant import dequantize
+
+
+class CompactLinear(nn.Module):
+    """y = x W^T (+ b) with W packed (int4 groups of 32 or int8 rows); W's bytes are buffers, so state_dict counts them."""
+
+    def __init__(self, raw: torch.Tensor, qtype: str, shape: tuple[int, int], bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = shape
+        for suffix, t in pack_matrix([(raw, qtype, shape)], packs_as_int4(qtype, shape)).items():
+            self.register_buffer("weight" + suffix, t)
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = compact_project(x.reshape(-1, self.in_features).to(torch.bfloat16), self._buffers, "weight")
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class BlockEmbedding(nn.Module):
+    """A token embedding kept as its GGUF rows of quantized blocks; a lookup dequantizes just the rows it gathers."""
+
+    def __init__(self, raw: torch.Tensor, qtype: str, shape: tuple[int, int]):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = shape
+        self.qtype = qtype
+        self.register_buffer("blocks", raw.reshape(self.num_embeddings, -1))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.qtype} blocks"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.blocks[ids.reshape(-1)]
+        values = dequantize(rows.reshape(-1), self.qtype, (rows.shape[0], self.embedding_dim))
+        return values.to(torch.bfloat16).view(*ids.shape, self.embedding_dim)
