@@ -1,6 +1,6 @@
 """The compact tier against the float32 (dequantized) tier: error on the demo model, memory and speed on a real GGUF.
 
-    python bench/compact.py [--tokens 4096] [--gguf /var/tmp/ep-bench/MODEL.gguf --decode 16]
+    python bench/compact.py [--tokens 4096] [--gguf /var/tmp/ep-bench/MODEL.gguf --decode 16 --tiers compact]
 
 1. Error: the demo model exported to q4_0 and q8_0 GGUF; each tier scores the first `--tokens` tokens of the
    held-out code and prose texts in windows of 256 (loss and perplexity), and against the float32 tier of the same
@@ -57,9 +57,10 @@ def error_rows(tokens: int) -> list[dict]:
     return rows
 
 
-def size_rows(path: str, decode: int) -> list[dict]:
+def size_rows(path: str, decode: int, tiers: list[str]) -> list[dict]:
     rows = []
-    for name, opts in TIERS.items():
+    for name in tiers:
+        opts = TIERS[name]
         t0 = time.perf_counter()
         model = load(path, **opts)
         load_s = time.perf_counter() - t0
@@ -99,13 +100,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096, help="held-out tokens per domain for the error table")
     ap.add_argument("--gguf", help="a quantized GGUF for the memory and speed table (e.g. bench/realgeom.py's)")
     ap.add_argument("--decode", type=int, default=16, help="decode tokens timed per tier with --gguf")
+    ap.add_argument("--tiers", default="compact,float32",
+                    help="tiers for the --gguf table (float32 needs 4 bytes a weight: 29 GB for the 12-layer Q4_K_M file)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     result = {"error": error_rows(args.tokens)}
     table(result["error"])
     if args.gguf:
-        result["size"] = size_rows(args.gguf, args.decode)
+        result["size"] = size_rows(args.gguf, args.decode, args.tiers.split(","))
         table(result["size"])
     print(json.dumps(result))
 

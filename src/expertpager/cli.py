@@ -125,7 +125,8 @@ def run(
     ref = model or str(demo_model_path())
     tokenizer = load_tokenizer(read_layout(ref).path)
     options = dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io, expert_cache=expert_cache,
-                   predictors=predictor, profiles=profiles, speculator=False if speculator == "none" else speculator)
+                   predictors=predictor, profiles=profiles, speculator=False if speculator == "none" else speculator,
+                   progress=not json_out)
     if chat:
         _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed)
         return
@@ -216,7 +217,7 @@ def calibrate(
     from .runtime.load import load
     from .runtime.speculator import default_speculator_path, save_speculator
     from .tools.calibrate import calibrate as fit, windows
-    from .tools.progress import progress_bar
+    from .progress import progress_bar
     from .tools.speculation import recall_precision, speculation
 
     layout = read_layout(model)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .errors import ExpertPagerError
 from .runtime.generate import Generation, generate
-from .runtime.load import load
+from .runtime.load import load, no_transformers_bars
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -43,7 +43,8 @@ def load_resident(path: str) -> PreTrainedModel:
     if Path(path).suffix == ".gguf":
         raise ExpertPagerError(f"{path}: --resident and --compare need an HF safetensors checkpoint; "
                                "a GGUF runs paged only (give --cache 100% to hold every slice)")
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+    with no_transformers_bars():
+        return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
 @dataclass

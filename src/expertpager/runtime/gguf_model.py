@@ -3,6 +3,8 @@
 Expert tensors are not read here; they stay quantized on disk and are dequantized at use by PagedExperts.
 """
 
+from collections.abc import Callable
+
 import gguf
 import numpy as np
 import torch
@@ -11,6 +13,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from ..errors import ExpertPagerError
+from ..progress import progress_bar
 from ..model.gguf_config import gguf_arch, hf_config_dict
 from ..model.layout import Layout, ResidentTensor
 from .compact_modules import BlockEmbedding, CompactLinear
@@ -99,7 +102,7 @@ def read_raw(t: ResidentTensor) -> torch.Tensor:
 
 
 def compact_resident(model: PreTrainedModel, layout: Layout, names: gguf.TensorNameMap,
-                     tensors: dict[str, ResidentTensor]) -> set[str]:
+                     tensors: dict[str, ResidentTensor], advance: Callable[[], None] = lambda: None) -> set[str]:
     """Replace each linear layer and token embedding whose GGUF tensor is quantized by its compact module
     (CompactLinear, BlockEmbedding), one tensor read at a time; returns the GGUF tensors used. A tied embedding
     (no output.weight) stays a plain one, as lm_head shares it."""
@@ -128,14 +131,16 @@ def compact_resident(model: PreTrainedModel, layout: Layout, names: gguf.TensorN
         parent, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         used.add(name)
+        advance()
     return used
 
 
 def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: torch.dtype | str = "auto",
-                     compact: bool = False) -> PreTrainedModel:
+                     compact: bool = False, progress: bool = False) -> PreTrainedModel:
     """`model_class` (a paged transformers class) built from the GGUF's metadata with its resident weights loaded,
     one tensor at a time; with `compact`, quantized linear layers and the embedding stay compact (see
-    compact_resident) and their full-size parameters are never written (so never resident)."""
+    compact_resident) and their full-size parameters are never written (so never resident). `progress`: a bar
+    over the resident tensors on stderr."""
     arch = gguf_arch(layout)
     check_slices(layout)
     kwargs = hf_config_dict(layout)
@@ -147,11 +152,11 @@ def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: 
     names = tensor_name_map(layout.architecture, layout.num_layers)
     tensors = {t.name: t for t in layout.resident}
     used = set()
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(f"loading {len(tensors)} resident tensors", len(tensors), progress) as advance:
         # parameters, and buffers llama.cpp stores (deepseek's e_score_correction_bias), not rope tables
         buffers = [(n, b) for n, b in model.named_buffers() if gguf_name(names, n)]
         if compact:
-            used |= compact_resident(model, layout, names, tensors)
+            used |= compact_resident(model, layout, names, tensors, advance)
         for hf_name, param in [*model.named_parameters(), *buffers]:
             name = gguf_name(names, hf_name)
             if name in used:
@@ -171,6 +176,7 @@ def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: 
                 kv = config.num_key_value_heads if "attn_k" in name else config.num_attention_heads
                 value = unpermute_qk(value, config.num_attention_heads, kv)
             param.copy_(value)
+            advance()
     model.tie_weights()
     unused = sorted(set(tensors) - used)
     if unused:

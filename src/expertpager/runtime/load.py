@@ -2,12 +2,14 @@
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.utils import logging as hf_logging
 
 from ..errors import ExpertPagerError
 from ..model.gguf_config import gguf_arch
@@ -178,11 +180,23 @@ def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int 
     return plan
 
 
+@contextmanager
+def no_transformers_bars() -> Iterator[None]:
+    """transformers' own per-weight progress bars off for a while: the project shows its own."""
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str | int | None = None,
          policy: str = "lru", prefetch: bool = True, io: str = "auto", threads: int = 4,
          dtype: torch.dtype | str = "auto", expert_cache: str = DEFAULT_EXPERT_CACHE,
          predictors: "str | Sequence[str | Predictor] | None" = None, profiles: str | Path | None = None,
-         speculator: "str | Path | Speculator | bool | None" = None) -> PreTrainedModel:
+         speculator: "str | Path | Speculator | bool | None" = None, progress: bool = False) -> PreTrainedModel:
     """A transformers causal LM for `model_ref` with paged experts; `model.pager` is its SliceCache.
 
     max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
@@ -192,7 +206,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     predictors: 'next-layer,temporal,domain' or Predictor instances, fed by `model.prefetcher`; profiles: the
     domain predictor's folder. speculator: the fitted maps next-layer prediction uses: None (default) the model
     folder's `speculator.safetensors` when there is one, a path to such a file, or False for the plain routers;
-    `model.speculator` is the one in use."""
+    `model.speculator` is the one in use. progress: a bar on stderr while a GGUF's resident tensors load."""
     layout = read_layout(model_ref)
     dtype = compute_dtype(layout, dtype, resolve_tier(layout, expert_cache))
     decoder, served = expert_tier(layout, expert_cache, dtype)
@@ -202,12 +216,13 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     if layout.weights_format == "gguf":
         config = AutoConfig.for_model(gguf_arch(layout).model_type)
         model = build_gguf_model(layout, paged_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]), dtype,
-                                 compact=tier == "compact")
+                                 compact=tier == "compact", progress=progress)
     else:
         config = AutoConfig.from_pretrained(layout.path)
         base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-        model = paged_class(base).from_pretrained(layout.path, config=config, dtype=dtype,
-                                                   experts_implementation="grouped_mm")
+        with no_transformers_bars():
+            model = paged_class(base).from_pretrained(layout.path, config=config, dtype=dtype,
+                                                       experts_implementation="grouped_mm")
     model.eval()
     chosen = make_predictors(predictors, profiles)
     unfitted = [p for p in chosen if isinstance(p, NextLayer) and p.speculator is None]

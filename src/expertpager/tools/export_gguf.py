@@ -15,7 +15,7 @@ from ..model.layout import Layout
 from ..model.read_layout import read_layout
 from ..runtime.dequant import block_of
 from ..runtime.gguf_model import gguf_name, permute_qk, tensor_name_map
-from .progress import progress_bar
+from ..progress import progress_bar
 from .tokenizer_gguf import add_tokenizer
 
 EXPORT_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}

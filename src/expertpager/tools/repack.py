@@ -14,7 +14,7 @@ from ..errors import ExpertPagerError
 from ..model.layout import ExpertSlice, Layout
 from ..model.manifest import ALIGN, MANIFEST, MANIFEST_FORMAT, RESIDENT_FILES, slice_digest
 from ..model.read_layout import read_layout
-from .progress import progress_bar
+from ..progress import progress_bar
 
 FILE_MODES = ("single", "per-layer", "per-slice")
 ROLE_ORDER = ("gate", "up", "gate_up", "down")

@@ -1,8 +1,9 @@
-"""A rich progress bar for offline tools; a no-op when disabled."""
+"""A rich progress bar on stderr (stdout stays for tokens and JSON), transient; a no-op when disabled."""
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
@@ -13,6 +14,6 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
         yield lambda: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task(description, total=total)
         yield lambda: bar.advance(task)
