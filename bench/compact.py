@@ -7,7 +7,7 @@
    file: top-1 agreement of next-token predictions and mean KL(float32 || tier).
 2. With `--gguf` (for example bench/realgeom.py's Q4_K_M file at Qwen3-30B-A3B layer geometry): bytes per slice in
    the cache against the file, resident RAM against the file's resident bytes, and decode tok/s with every slice
-   cached (fully resident), per tier, in one run.
+   paged in first (fully resident), per tier, in one run.
 Prints a table per part, then one JSON line.
 """
 
@@ -68,6 +68,9 @@ def size_rows(path: str, decode: int, tiers: list[str]) -> list[dict]:
         served = [sum(p.length for p in m.slices[e].parts) for m in model.modules() if hasattr(m, "slices") for e in m.slices]
         resident = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         ids = torch.tensor([[1] + list(range(100, 163))])
+        for layer in layout.moe_layers:  # every slice paged in before timing: fully resident
+            with model.pager.pin_many([(layer, e) for e in range(layout.num_experts)]):
+                pass
         with torch.inference_mode():
             out = model(input_ids=ids, use_cache=True)  # prefill: pages every routed slice in
             cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)

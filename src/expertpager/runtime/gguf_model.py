@@ -18,6 +18,7 @@ from ..model.gguf_config import gguf_arch, hf_config_dict
 from ..model.layout import Layout, ResidentTensor
 from .compact_modules import BlockEmbedding, CompactLinear
 from .dequant import dequantize, quant_nbytes
+from .malloc import returning_freed_memory
 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 FILE_TYPE_DTYPES = {gguf.LlamaFileType.ALL_F32: torch.float32, gguf.LlamaFileType.MOSTLY_F16: torch.float16,
@@ -152,7 +153,8 @@ def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: 
     names = tensor_name_map(layout.architecture, layout.num_layers)
     tensors = {t.name: t for t in layout.resident}
     used = set()
-    with torch.no_grad(), progress_bar(f"loading {len(tensors)} resident tensors", len(tensors), progress) as advance:
+    with torch.no_grad(), returning_freed_memory(), \
+            progress_bar(f"loading {len(tensors)} resident tensors", len(tensors), progress) as advance:
         # parameters, and buffers llama.cpp stores (deepseek's e_score_correction_bias), not rope tables
         buffers = [(n, b) for n, b in model.named_buffers() if gguf_name(names, n)]
         if compact:
