@@ -66,3 +66,16 @@ def test_compact_refuses_what_it_cannot_hold(tmp_path):
     path = write_tiny_gguf(tmp_path / "q4.gguf", "llama", quants=("Q4_0",))
     with pytest.raises(ExpertPagerError, match="computes in bfloat16"):
         load(path, dtype="float32", expert_cache="compact")
+
+
+def test_repack_compact_is_one_read_and_the_same_tier(tmp_path):
+    from expertpager.tools.repack import repack
+
+    path = write_tiny_gguf(tmp_path / "mixed.gguf", "llama", resident=("Q8_0", "Q4_0"))
+    out = repack(path, tmp_path / "compact", compact=True, progress=False)
+    reference = logits_trace(load(path), PROMPT, 4)
+    model = load(out, cache=min_cache(out, "auto"))
+    assert model.pager._decode is None  # stored transcoded: page-in is the read alone
+    assert_same(reference, logits_trace(model, PROMPT, 4), "repack --compact, smallest cache")
+    with pytest.raises(ExpertPagerError, match="stored in the compact layout"):
+        load(out, expert_cache="dequantized")

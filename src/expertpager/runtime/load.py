@@ -21,7 +21,7 @@ from ..pager.replay import slot_needs
 from ..pager.decode import staging_bytes
 from ..sizes import parse_size
 from .gguf_model import FLOAT_TYPES, build_gguf_model, gguf_dtype
-from .compact import compact_bytes, compactor
+from .compact import compact_bytes, compactor, is_compact
 from .paged_experts import DTYPE_NAMES, PagedExperts, dequantizer, realigner, resident_offsets, stored_offsets
 from .moe_layers import moe_layers
 from .predictors import NextLayer, Predictor, make_predictors
@@ -62,6 +62,10 @@ def resolve_tier(layout: Layout, expert_cache: str) -> str:
     """The expert cache tier `expert_cache` names, with "auto" resolved (see EXPERT_CACHES)."""
     if expert_cache not in EXPERT_CACHES:
         raise ExpertPagerError(f"unknown expert cache {expert_cache!r}: use one of {', '.join(EXPERT_CACHES)}")
+    if all(is_compact(s) for s in layout.slices.values()):  # `repack --compact` stored them transcoded
+        if expert_cache not in ("auto", "compact"):
+            raise ExpertPagerError(f"{layout.path}: its experts are stored in the compact layout; use --expert-cache compact")
+        return "compact"
     parts = [p for s in layout.slices.values() for p in s.parts]
     compactable = any(p.dtype not in FLOAT_TYPES for p in parts) and not any(p.role.endswith("_bias") for p in parts)
     if expert_cache == "compact" and not compactable:
@@ -101,7 +105,7 @@ def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype) -> tuple[
     if tier == "raw":
         return None, layout.slices
     if tier == "compact":
-        return compactor(layout.slices)
+        return (None, layout.slices) if all(is_compact(s) for s in layout.slices.values()) else compactor(layout.slices)
     offsets = expert_offsets(layout, dtype)
     if stored != {DTYPE_NAMES.get(dtype)}:
         return dequantizer(layout.slices, dtype, offsets)

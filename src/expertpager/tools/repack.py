@@ -9,12 +9,15 @@ import shutil
 from pathlib import Path
 
 import gguf
+import torch
 
 from ..errors import ExpertPagerError
 from ..model.layout import ExpertSlice, Layout
 from ..model.manifest import ALIGN, MANIFEST, MANIFEST_FORMAT, RESIDENT_FILES, slice_digest
 from ..model.read_layout import read_layout
 from ..progress import progress_bar
+from ..runtime.compact import compact_parts, transcode
+from ..runtime.load import resolve_tier
 
 FILE_MODES = ("single", "per-layer", "per-slice")
 ROLE_ORDER = ("gate", "up", "gate_up", "down")
@@ -45,7 +48,19 @@ def _pad(f) -> None:
     f.write(b"\0" * (-f.tell() % ALIGN))
 
 
-def _write_slices(layout: Layout, tmp: Path, mode: str, progress: bool) -> list[dict]:
+def _compact_parts(s: ExpertSlice) -> list[tuple[dict, bytes]]:
+    """The slice transcoded to the compact tier's layout (runtime/compact.py): (part entry, bytes) per part."""
+    roles = {p.role: p for p in s.parts}
+    tensors = transcode(roles, {p.role: torch.frombuffer(bytearray(_read(p.file, p.offset, p.length)), dtype=torch.uint8)
+                                for p in s.parts})
+    out = []
+    for role, dtype, shape in compact_parts(s):
+        data = tensors[role].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        out.append(({"role": role, "dtype": dtype, "shape": list(shape)}, data))
+    return out
+
+
+def _write_slices(layout: Layout, tmp: Path, mode: str, progress: bool, compact: bool = False) -> list[dict]:
     entries, handles = [], {}
     try:
         with progress_bar(f"repack {Path(layout.path).name}", len(layout.slices), progress) as advance:
@@ -57,9 +72,11 @@ def _write_slices(layout: Layout, tmp: Path, mode: str, progress: bool) -> list[
                     handles[name] = open(tmp / name, "wb")
                 f = handles[name]
                 start, parts, chunks = f.tell(), [], []
-                for p in _ordered(s):
-                    data = _read(p.file, p.offset, p.length)
-                    parts.append({"role": p.role, "offset": f.tell(), "length": p.length, "dtype": p.dtype, "shape": list(p.shape)})
+                pieces = _compact_parts(s) if compact else [
+                    ({"role": p.role, "dtype": p.dtype, "shape": list(p.shape)}, _read(p.file, p.offset, p.length))
+                    for p in _ordered(s)]
+                for entry, data in pieces:
+                    parts.append({**entry, "offset": f.tell(), "length": len(data)})
                     f.write(data)
                     chunks.append(data)
                 entries.append({"layer": key[0], "expert": key[1], "file": name, "offset": start,
@@ -114,11 +131,16 @@ def _write_resident_gguf(layout: Layout, path: Path) -> None:
     w.close()
 
 
-def repack(model_ref: str | Path, outdir: str | Path, files: str = "single", progress: bool = True) -> Path:
-    """Write `model_ref` (safetensors, GGUF or repacked) as a repacked folder `outdir`; returns its path."""
+def repack(model_ref: str | Path, outdir: str | Path, files: str = "single", progress: bool = True,
+           compact: bool = False) -> Path:
+    """Write `model_ref` (safetensors, GGUF or repacked) as a repacked folder `outdir`; returns its path. With
+    `compact` (a quantized GGUF), slices are stored transcoded to the compact tier, so page-in is one read and no
+    transcode."""
     if files not in FILE_MODES:
         raise ExpertPagerError(f"unknown --files {files!r}; use one of {', '.join(FILE_MODES)}")
     layout = read_layout(model_ref)
+    if compact and resolve_tier(layout, "compact") != "compact":
+        raise ExpertPagerError(f"{layout.path}: --compact needs quantized experts without biases")
     out = Path(outdir)
     if out.exists():
         raise ExpertPagerError(f"{out}: already exists; repack writes a new folder")
@@ -137,7 +159,7 @@ def repack(model_ref: str | Path, outdir: str | Path, files: str = "single", pro
         manifest = {"format": MANIFEST_FORMAT, "source": str(layout.path), "source_format": source,
                     "architecture": layout.architecture, "num_layers": layout.num_layers, "moe_layers": layout.moe_layers,
                     "num_experts": layout.num_experts, "experts_per_token": layout.experts_per_token, "files": files,
-                    "slices": _write_slices(layout, tmp, files, progress)}
+                    "slices": _write_slices(layout, tmp, files, progress, compact)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, out)
     except BaseException:
