@@ -341,6 +341,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--llama-dir", type=Path, default=realgeom.DEFAULT_LLAMA_DIR,
                     help="llama.cpp tree with build/bin/llama-bench (and, to make the GGUF, llama-quantize)")
     ap.add_argument("--gguf", type=Path, help="use this GGUF instead of realgeom's")
+    ap.add_argument("--ep-model", type=Path,
+                    help="what expertpager runs (default: the GGUF), e.g. `expertpager repack GGUF OUT --compact`'s OUT")
     ap.add_argument("--out-dir", type=Path, default=realgeom.DEFAULT_OUT_DIR, help="where realgeom's GGUF lives")
     ap.add_argument("--layers", type=int, default=12, help="realgeom layers")
     ap.add_argument("--skew", type=float, default=0.5, help="realgeom router skew")
@@ -376,7 +378,7 @@ def main() -> None:
                     rows.append(run_llama(bench, gguf, v, prompt_len, a.tokens, a.threads, cap, limit, a.timeout))
                     print(f"  {json.dumps(asdict(rows[-1]))}", file=sys.stderr, flush=True)
             if "expertpager" in programs:
-                rows.append(run_expertpager(gguf, prompt_len, a.tokens, a.threads, cap, limit, a.timeout,
+                rows.append(run_expertpager(a.ep_model or gguf, prompt_len, a.tokens, a.threads, cap, limit, a.timeout,
                                             a.ep_uncapped_memory, a.ep_src))
                 print(f"  {json.dumps(asdict(rows[-1]))}", file=sys.stderr, flush=True)
     ratio_rows = ratios(rows)

@@ -40,7 +40,8 @@ def generate(model: PreTrainedModel, prompt: list[int], max_new_tokens: int, tem
     ids = torch.tensor([prompt])
     start = time.perf_counter()
     for step in range(max_new_tokens):
-        logits = model(input_ids=ids, use_cache=True, **{cache_arg: cache}).logits[0, -1].float()
+        # only the last position's logits: a long prompt's full [T, vocab] logits would take more memory than the cache
+        logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits[0, -1].float()
         if temperature > 0:
             token = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=rng))
         else:
