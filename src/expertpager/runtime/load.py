@@ -71,6 +71,9 @@ def resolve_tier(layout: Layout, expert_cache: str) -> str:
     if expert_cache == "compact" and not compactable:
         raise ExpertPagerError(f"{layout.path}: the compact expert cache needs quantized experts without biases; "
                                "use --expert-cache dequantized")
+    if expert_cache == "compact" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise ExpertPagerError(f"the compact expert cache needs torch's CPU int4 kernels (torch >= 2.6; this is {torch.__version__})")
+    compactable = compactable and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     if expert_cache == "auto":
         return "compact" if compactable else "dequantized"
     return expert_cache
