@@ -79,3 +79,19 @@ def test_repack_compact_is_one_read_and_the_same_tier(tmp_path):
     assert_same(reference, logits_trace(model, PROMPT, 4), "repack --compact, smallest cache")
     with pytest.raises(ExpertPagerError, match="stored in the compact layout"):
         load(out, expert_cache="dequantized")
+
+
+@pytest.mark.parametrize("quantize", ["int4", "int8"])
+def test_quantize_float_checkpoint(tmp_path, quantize):
+    folder = save_tiny("qwen3_moe", tmp_path / "hf", hidden_size=64, moe_intermediate_size=32)
+    everything = load(folder, quantize=quantize)
+    served = {p.dtype for m in everything.modules() if hasattr(m, "slices") for s in m.slices.values() for p in s.parts}
+    assert ("U8" if quantize == "int4" else "I8") in served and everything.dtype == torch.bfloat16
+    reference = logits_trace(everything, PROMPT, 4)
+    small = load(folder, quantize=quantize, cache=200_000)  # 143,360 of staging, then 7-13 of 24 slices
+    assert_same(reference, logits_trace(small, PROMPT, 4), f"--quantize {quantize}, small cache")
+    assert small.pager.stats_snapshot().evictions > 0
+    full = logits_trace(load(folder, dtype="bfloat16"), PROMPT, 0)[0].float()
+    assert (reference[0].float().argmax(-1) == full.argmax(-1)).float().mean() >= 0.75
+    with pytest.raises(ExpertPagerError, match="use int4 or int8"):
+        load(folder, quantize="int3")

@@ -115,6 +115,7 @@ def run(
     io: str = typer.Option("auto", "--io", help="Page-in I/O: auto, direct (O_DIRECT), buffered+dontneed, buffered."),
     expert_cache: str = typer.Option("auto", "--expert-cache",
                                      help="What the cache holds for quantized slices: compact (int4/int8 at about the stored size, bfloat16 compute; the default for a quantized GGUF), dequantized (decoded once at page-in) or raw (decoded on every use). auto picks compact where it applies."),
+    quantize: str = typer.Option(None, "--quantize", help="int4 or int8: hold a bf16/f16/f32 checkpoint's experts in the compact tier (round to nearest per 32 weights, or per row), bfloat16 compute."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: tokens, text, stats."),
 ) -> None:
     """Generate text with expert slices paged from disk under a memory budget (greedy by default)."""
@@ -126,7 +127,7 @@ def run(
     tokenizer = load_tokenizer(read_layout(ref).path)
     options = dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io, expert_cache=expert_cache,
                    predictors=predictor, profiles=profiles, speculator=False if speculator == "none" else speculator,
-                   progress=not json_out)
+                   progress=not json_out, quantize=quantize)
     if chat:
         _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed)
         return

@@ -58,16 +58,27 @@ def paged_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
     })
 
 
-def resolve_tier(layout: Layout, expert_cache: str) -> str:
-    """The expert cache tier `expert_cache` names, with "auto" resolved (see EXPERT_CACHES)."""
+QUANTIZE = ("int4", "int8")
+
+
+def resolve_tier(layout: Layout, expert_cache: str, quantize: str | None = None) -> str:
+    """The expert cache tier `expert_cache` names, with "auto" resolved (see EXPERT_CACHES); `quantize` (int4 or
+    int8) puts float experts in the compact tier too."""
     if expert_cache not in EXPERT_CACHES:
         raise ExpertPagerError(f"unknown expert cache {expert_cache!r}: use one of {', '.join(EXPERT_CACHES)}")
+    if quantize is not None:
+        if quantize not in QUANTIZE:
+            raise ExpertPagerError(f"unknown quantization {quantize!r}: use int4 or int8")
+        if expert_cache not in ("auto", "compact"):
+            raise ExpertPagerError(f"--quantize {quantize} makes the compact expert cache, not {expert_cache}")
+        expert_cache = "compact"
     if all(is_compact(s) for s in layout.slices.values()):  # `repack --compact` stored them transcoded
         if expert_cache not in ("auto", "compact"):
             raise ExpertPagerError(f"{layout.path}: its experts are stored in the compact layout; use --expert-cache compact")
         return "compact"
     parts = [p for s in layout.slices.values() for p in s.parts]
-    compactable = any(p.dtype not in FLOAT_TYPES for p in parts) and not any(p.role.endswith("_bias") for p in parts)
+    biased = any(p.role.endswith("_bias") for p in parts)
+    compactable = (quantize is not None or any(p.dtype not in FLOAT_TYPES for p in parts)) and not biased
     if expert_cache == "compact" and not compactable:
         raise ExpertPagerError(f"{layout.path}: the compact expert cache needs quantized experts without biases; "
                                "use --expert-cache dequantized")
@@ -99,16 +110,19 @@ def expert_offsets(layout: Layout, dtype: torch.dtype) -> dict[SliceKey, dict[st
     return {k: resident_offsets(s, dtype, layout.format == "safetensors") for k, s in layout.slices.items()}
 
 
-def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype) -> tuple[Decoder | None, dict[SliceKey, ExpertSlice]]:
+def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype,
+                quantize: str | None = None) -> tuple[Decoder | None, dict[SliceKey, ExpertSlice]]:
     """The cache's decode step (None: it holds the stored bytes) and the slices as it serves them. The dequantized
     tier decodes only when some part is not already stored in the compute dtype; slices stored in it whose weights
     would sit at another alignment than the resident model's are moved to it in their slot once per page-in."""
-    tier = resolve_tier(layout, expert_cache)
+    tier = resolve_tier(layout, expert_cache, quantize)
     stored = {p.dtype for s in layout.slices.values() for p in s.parts}
     if tier == "raw":
         return None, layout.slices
     if tier == "compact":
-        return (None, layout.slices) if all(is_compact(s) for s in layout.slices.values()) else compactor(layout.slices)
+        if all(is_compact(s) for s in layout.slices.values()):
+            return None, layout.slices
+        return compactor(layout.slices, floats=quantize == "int4")
     offsets = expert_offsets(layout, dtype)
     if stored != {DTYPE_NAMES.get(dtype)}:
         return dequantizer(layout.slices, dtype, offsets)
@@ -145,7 +159,8 @@ def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int |
         plan = plan_cache(layout, size, slot, staging=staging)
     elif max_memory is not None:
         itemsize = dtype.itemsize if dtype is not None and layout.weights_format == "gguf" else None
-        resident = resident_held(layout) if tier == "compact" else resident_in_memory(layout, itemsize)
+        compact_resident = tier == "compact" and layout.weights_format == "gguf"
+        resident = resident_held(layout) if compact_resident else resident_in_memory(layout, itemsize)
         plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging, resident=resident + extra_resident)
     else:
         plan = plan_cache(layout, sum(needs) + staging, slot, staging=staging)
@@ -203,7 +218,8 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
          policy: str = "lru", prefetch: bool = True, io: str = "auto", threads: int = 4,
          dtype: torch.dtype | str = "auto", expert_cache: str = DEFAULT_EXPERT_CACHE,
          predictors: "str | Sequence[str | Predictor] | None" = None, profiles: str | Path | None = None,
-         speculator: "str | Path | Speculator | bool | None" = None, progress: bool = False) -> PreTrainedModel:
+         speculator: "str | Path | Speculator | bool | None" = None, progress: bool = False,
+         quantize: str | None = None) -> PreTrainedModel:
     """A transformers causal LM for `model_ref` with paged experts; `model.pager` is its SliceCache.
 
     max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
@@ -213,12 +229,14 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     predictors: 'next-layer,temporal,domain' or Predictor instances, fed by `model.prefetcher`; profiles: the
     domain predictor's folder. speculator: the fitted maps next-layer prediction uses: None (default) the model
     folder's `speculator.safetensors` when there is one, a path to such a file, or False for the plain routers;
-    `model.speculator` is the one in use. progress: a bar on stderr while a GGUF's resident tensors load."""
+    `model.speculator` is the one in use. progress: a bar on stderr while a GGUF's resident tensors load.
+    quantize: "int4" or "int8" holds a float checkpoint's experts in the compact tier (round to nearest per group
+    of 32, or per row), computing in bfloat16; resident weights stay as loaded."""
     layout = read_layout(model_ref)
-    dtype = compute_dtype(layout, dtype, resolve_tier(layout, expert_cache))
-    decoder, served = expert_tier(layout, expert_cache, dtype)
+    tier = resolve_tier(layout, expert_cache, quantize)
+    dtype = compute_dtype(layout, dtype, tier)
+    decoder, served = expert_tier(layout, expert_cache, dtype, quantize)
     offsets = expert_offsets(layout, dtype)
-    tier = resolve_tier(layout, expert_cache)
     plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, tier=tier)  # fails fast, before loading
     if layout.weights_format == "gguf":
         config = AutoConfig.for_model(gguf_arch(layout).model_type)
