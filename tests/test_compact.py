@@ -95,3 +95,8 @@ def test_quantize_float_checkpoint(tmp_path, quantize):
     assert (reference[0].float().argmax(-1) == full.argmax(-1)).float().mean() >= 0.75
     with pytest.raises(ExpertPagerError, match="use int4 or int8"):
         load(folder, quantize="int3")
+    from expertpager.tools.repack import repack
+
+    stored = load(repack(folder, tmp_path / "q", quantize=quantize, progress=False), cache=200_000)
+    assert stored.pager._decode is None  # stored quantized: page-in is the read alone
+    assert_same(reference, logits_trace(stored, PROMPT, 4), f"repack --quantize {quantize}")

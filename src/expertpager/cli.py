@@ -453,9 +453,10 @@ def repack(
     outdir: str = typer.Argument(..., help="The folder to write (must not exist)."),
     files: str = typer.Option("single", "--files", help="Expert files: single, per-layer, or per-slice."),
     compact: bool = typer.Option(False, "--compact", help="Store a quantized GGUF's slices transcoded to the compact tier (int4/int8 with bf16 scales): page-in is then one read with no transcode, at about 1.14x the stored bytes."),
+    quantize: str = typer.Option(None, "--quantize", help="int4 or int8: store a float checkpoint's slices quantized in the compact tier (as run --quantize does at page-in)."),
 ) -> None:
     """Rewrite a checkpoint so every expert slice is one aligned, checksummed read."""
     from .tools.repack import repack as repack_checkpoint
 
-    path = repack_checkpoint(model, outdir, files, compact=compact)
+    path = repack_checkpoint(model, outdir, files, compact=compact, quantize=quantize)
     console.print(f"wrote {path}")

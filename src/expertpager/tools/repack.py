@@ -48,19 +48,20 @@ def _pad(f) -> None:
     f.write(b"\0" * (-f.tell() % ALIGN))
 
 
-def _compact_parts(s: ExpertSlice) -> list[tuple[dict, bytes]]:
+def _compact_parts(s: ExpertSlice, floats: bool) -> list[tuple[dict, bytes]]:
     """The slice transcoded to the compact tier's layout (runtime/compact.py): (part entry, bytes) per part."""
     roles = {p.role: p for p in s.parts}
     tensors = transcode(roles, {p.role: torch.frombuffer(bytearray(_read(p.file, p.offset, p.length)), dtype=torch.uint8)
-                                for p in s.parts})
+                                for p in s.parts}, floats)
     out = []
-    for role, dtype, shape in compact_parts(s):
+    for role, dtype, shape in compact_parts(s, floats):
         data = tensors[role].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         out.append(({"role": role, "dtype": dtype, "shape": list(shape)}, data))
     return out
 
 
-def _write_slices(layout: Layout, tmp: Path, mode: str, progress: bool, compact: bool = False) -> list[dict]:
+def _write_slices(layout: Layout, tmp: Path, mode: str, progress: bool, compact: bool = False,
+                  floats: bool = False) -> list[dict]:
     entries, handles = [], {}
     try:
         with progress_bar(f"repack {Path(layout.path).name}", len(layout.slices), progress) as advance:
@@ -72,7 +73,7 @@ def _write_slices(layout: Layout, tmp: Path, mode: str, progress: bool, compact:
                     handles[name] = open(tmp / name, "wb")
                 f = handles[name]
                 start, parts, chunks = f.tell(), [], []
-                pieces = _compact_parts(s) if compact else [
+                pieces = _compact_parts(s, floats) if compact else [
                     ({"role": p.role, "dtype": p.dtype, "shape": list(p.shape)}, _read(p.file, p.offset, p.length))
                     for p in _ordered(s)]
                 for entry, data in pieces:
@@ -132,14 +133,15 @@ def _write_resident_gguf(layout: Layout, path: Path) -> None:
 
 
 def repack(model_ref: str | Path, outdir: str | Path, files: str = "single", progress: bool = True,
-           compact: bool = False) -> Path:
+           compact: bool = False, quantize: str | None = None) -> Path:
     """Write `model_ref` (safetensors, GGUF or repacked) as a repacked folder `outdir`; returns its path. With
-    `compact` (a quantized GGUF), slices are stored transcoded to the compact tier, so page-in is one read and no
-    transcode."""
+    `compact` (a quantized GGUF) or `quantize` ("int4"/"int8", a float checkpoint), slices are stored transcoded
+    to the compact tier, so page-in is one read and no transcode."""
     if files not in FILE_MODES:
         raise ExpertPagerError(f"unknown --files {files!r}; use one of {', '.join(FILE_MODES)}")
     layout = read_layout(model_ref)
-    if compact and resolve_tier(layout, "compact") != "compact":
+    compact = compact or quantize is not None
+    if compact and resolve_tier(layout, "compact", quantize) != "compact":
         raise ExpertPagerError(f"{layout.path}: --compact needs quantized experts without biases")
     out = Path(outdir)
     if out.exists():
@@ -159,7 +161,7 @@ def repack(model_ref: str | Path, outdir: str | Path, files: str = "single", pro
         manifest = {"format": MANIFEST_FORMAT, "source": str(layout.path), "source_format": source,
                     "architecture": layout.architecture, "num_layers": layout.num_layers, "moe_layers": layout.moe_layers,
                     "num_experts": layout.num_experts, "experts_per_token": layout.experts_per_token, "files": files,
-                    "slices": _write_slices(layout, tmp, files, progress, compact)}
+                    "slices": _write_slices(layout, tmp, files, progress, compact, quantize == "int4")}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, out)
     except BaseException:
