@@ -1,4 +1,5 @@
-"""A transformers model for a GGUF checkpoint: config from metadata, resident tensors dequantized at load.
+"""A transformers model for a GGUF checkpoint: config from metadata, resident tensors dequantized at load (or, in the
+compact tier, quantized linears and the embedding kept compact).
 
 Expert tensors are not read here; they stay quantized on disk and are dequantized at use by PagedExperts.
 """
@@ -64,6 +65,14 @@ def gguf_name(names: gguf.TensorNameMap, hf_name: str) -> str | None:
     return f"{mapped}.{suffix}" if mapped else None
 
 
+def read_raw(t: ResidentTensor) -> torch.Tensor:
+    """A resident GGUF tensor's stored bytes (uint8)."""
+    raw = np.fromfile(t.file, dtype=np.uint8, count=t.length, offset=t.offset)
+    if raw.size != t.length:
+        raise ExpertPagerError(f"{t.file}: tensor {t.name!r} is truncated")
+    return torch.from_numpy(raw)
+
+
 def read_tensor(t: ResidentTensor) -> torch.Tensor:
     """A resident GGUF tensor's bytes, dequantized to float32 in its stored (numpy-order) shape."""
     return dequantize(read_raw(t), t.dtype, t.shape)
@@ -95,14 +104,6 @@ def check_slices(layout: Layout) -> None:
             if need != p.length:
                 raise ExpertPagerError(f"{p.file}: expert slice {s.key} part {p.role!r} has {p.length} bytes, but a "
                                        f"{p.dtype} tensor of shape {list(p.shape)} has {need}")
-
-
-def read_raw(t: ResidentTensor) -> torch.Tensor:
-    """A resident GGUF tensor's stored bytes (uint8)."""
-    raw = np.fromfile(t.file, dtype=np.uint8, count=t.length, offset=t.offset)
-    if raw.size != t.length:
-        raise ExpertPagerError(f"{t.file}: tensor {t.name!r} is truncated")
-    return torch.from_numpy(raw)
 
 
 def compact_resident(model: PreTrainedModel, layout: Layout, names: gguf.TensorNameMap,

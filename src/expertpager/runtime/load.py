@@ -82,11 +82,11 @@ def resolve_tier(layout: Layout, expert_cache: str, quantize: str | None = None)
     if expert_cache == "compact" and not compactable:
         raise ExpertPagerError(f"{layout.path}: the compact expert cache needs quantized experts without biases; "
                                "use --expert-cache dequantized")
-    if expert_cache == "compact" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+    has_kernels = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    if expert_cache == "compact" and not has_kernels:
         raise ExpertPagerError(f"the compact expert cache needs torch's CPU int4 kernels (torch >= 2.6; this is {torch.__version__})")
-    compactable = compactable and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     if expert_cache == "auto":
-        return "compact" if compactable else "dequantized"
+        return "compact" if compactable and has_kernels else "dequantized"
     return expert_cache
 
 
@@ -236,7 +236,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     tier = resolve_tier(layout, expert_cache, quantize)
     dtype = compute_dtype(layout, dtype, tier)
     decoder, served = expert_tier(layout, expert_cache, dtype, quantize)
-    offsets = expert_offsets(layout, dtype)
+    offsets = {} if tier == "compact" else expert_offsets(layout, dtype)  # compact slices are served as stored
     plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, tier=tier)  # fails fast, before loading
     if layout.weights_format == "gguf":
         config = AutoConfig.for_model(gguf_arch(layout).model_type)
@@ -266,7 +266,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
         if isinstance(module, PagedExperts):
             module.cache = pager
             module.slices = {e: served[(module.layer, e)] for e in range(layout.num_experts)}
-            module.offsets = {e: offsets[(module.layer, e)] for e in range(layout.num_experts)}
+            module.offsets = {e: offsets[(module.layer, e)] for e in range(layout.num_experts)} if offsets else {}
             module.dtype = dtype
             module.transpose = module.is_transposed and layout.weights_format == "gguf"
             module.chunk = max(layout.experts_per_token, pager.num_slots // (2 if prefetch else 1))

@@ -20,7 +20,7 @@ from ..model.layout import ExpertSlice, SliceKey
 from ..pager import Decoder, plan_reads
 from .compact import compact_project, compact_tensors, is_compact
 from .dequant import dequantize
-from .matrices import ALIGN, MATRICES
+from .matrices import ALIGN, MATRICES, matrix_of
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -68,7 +68,7 @@ def decoded_slice(s: ExpertSlice, dtype: torch.dtype, offsets: Mapping[str, int]
     first = [p for role in ("gate", "up") for p in s.parts if p.role == role]
     parts, pos = [], 0
     for p in first + [p for p in s.parts if p not in first]:
-        matrix = next((m for m, names in MATRICES.items() if p.role in names), None)
+        matrix = matrix_of(p.role)
         if matrix is not None and p.role != "up":
             pos += (offsets[matrix] - pos) % ALIGN
         n = math.prod(p.shape) * dtype.itemsize
@@ -108,7 +108,7 @@ def realigner(slices: Mapping[SliceKey, ExpertSlice],
                 units.append([read[p.role], [p]])
         placed, end = [], 0
         for start, parts in units:
-            matrix = next((m for m, names in MATRICES.items() if parts[0].role in names), None)
+            matrix = matrix_of(parts[0].role)
             pos = max(start, end)
             if matrix is not None:
                 pos += (offsets[key][matrix] - pos) % ALIGN
