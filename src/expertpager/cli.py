@@ -94,28 +94,49 @@ def _stats_table(columns: dict[str, dict]) -> Table:
     return t
 
 
+MODEL = typer.Argument(None, help="Model folder, .gguf file or cached org/name; default: the bundled demo MoE.")
+MAX_MEMORY = typer.Option(None, "--max-memory", help="Memory promise for the whole process (resident + reserve + cache), e.g. 8GB.")
+CACHE = typer.Option(None, "--cache", help="Expert cache size: bytes (2GB, 512MiB) or a percentage of all expert bytes (25%).")
+POLICY = typer.Option("lru", "--policy", help="Eviction policy: lru, lfu, cycle.")
+PREFETCH = typer.Option(True, "--prefetch/--no-prefetch", help="Load the next chunk of experts while one computes.")
+PREDICTOR = typer.Option(None, "--predictor", help="Prefetch predictors, comma-separated: next-layer[:AHEAD][+EXTRA|-FEWER] (e.g. next-layer+4: top-k+4; next-layer-2: top-k-2), temporal, domain.")
+PROFILES = typer.Option(None, "--profiles", help="Folder of domain profiles for --predictor domain (see `expertpager profile`).")
+SPECULATOR = typer.Option(None, "--speculator", help="Fitted maps for --predictor next-layer (see `expertpager calibrate`): a .safetensors file, or none for the plain routers; default: the model folder's speculator.safetensors when present.")
+IO = typer.Option("auto", "--io", help="Page-in I/O: auto, direct (O_DIRECT), buffered+dontneed, buffered.")
+EXPERT_CACHE = typer.Option("auto", "--expert-cache",
+                            help="What the cache holds for quantized slices: compact (int4/int8 at about the stored size, bfloat16 compute; the default for a quantized GGUF), dequantized (decoded once at page-in) or raw (decoded on every use). auto picks compact where it applies.")
+QUANTIZE = typer.Option(None, "--quantize", help="int4 or int8: hold a bf16/f16/f32 checkpoint's experts in the compact tier (round to nearest per 32 weights, or per row), bfloat16 compute.")
+
+
+def _load_options(max_memory, cache, policy, prefetch, predictor, profiles, speculator, io, expert_cache, quantize,
+                  progress: bool) -> dict:
+    """The paging options that run and serve share, as `load`'s keyword arguments."""
+    return dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io, expert_cache=expert_cache,
+                predictors=predictor, profiles=profiles, speculator=False if speculator == "none" else speculator,
+                progress=progress, quantize=quantize)
+
+
 @app.command()
 def run(
-    model: str = typer.Argument(None, help="Model folder, .gguf file or cached org/name; default: the bundled demo MoE."),
+    model: str = MODEL,
     prompt: str = typer.Option(None, "--prompt", "-p", help=f"Prompt text (default: {DEFAULT_PROMPT!r})."),
     prompt_ids: str = typer.Option(None, "--prompt-ids", help="Prompt as token ids, e.g. 1,2,3 (for checkpoints without a tokenizer)."),
     chat: bool = typer.Option(False, "--chat", help="Read user turns from stdin and answer with the model's chat template."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
-    max_memory: str = typer.Option(None, "--max-memory", help="Memory promise for the whole process (resident + reserve + cache), e.g. 8GB."),
-    cache: str = typer.Option(None, "--cache", help="Expert cache size: bytes (2GB, 512MiB) or a percentage of all expert bytes (25%)."),
-    policy: str = typer.Option("lru", "--policy", help="Eviction policy: lru, lfu, cycle."),
-    prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Load the next chunk of experts while one computes."),
-    predictor: str = typer.Option(None, "--predictor", help="Prefetch predictors, comma-separated: next-layer[:AHEAD][+EXTRA|-FEWER] (e.g. next-layer+4: top-k+4; next-layer-2: top-k-2), temporal, domain."),
-    profiles: str = typer.Option(None, "--profiles", help="Folder of domain profiles for --predictor domain (see `expertpager profile`)."),
-    speculator: str = typer.Option(None, "--speculator", help="Fitted maps for --predictor next-layer (see `expertpager calibrate`): a .safetensors file, or none for the plain routers; default: the model folder's speculator.safetensors when present."),
+    max_memory: str = MAX_MEMORY,
+    cache: str = CACHE,
+    policy: str = POLICY,
+    prefetch: bool = PREFETCH,
+    predictor: str = PREDICTOR,
+    profiles: str = PROFILES,
+    speculator: str = SPECULATOR,
     resident: bool = typer.Option(False, "--resident", help="Run the same model fully in memory with plain transformers."),
     compare: bool = typer.Option(False, "--compare", help="Run fully resident and paged, one after the other, and show both."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
     seed: int = typer.Option(0, "--seed"),
-    io: str = typer.Option("auto", "--io", help="Page-in I/O: auto, direct (O_DIRECT), buffered+dontneed, buffered."),
-    expert_cache: str = typer.Option("auto", "--expert-cache",
-                                     help="What the cache holds for quantized slices: compact (int4/int8 at about the stored size, bfloat16 compute; the default for a quantized GGUF), dequantized (decoded once at page-in) or raw (decoded on every use). auto picks compact where it applies."),
-    quantize: str = typer.Option(None, "--quantize", help="int4 or int8: hold a bf16/f16/f32 checkpoint's experts in the compact tier (round to nearest per 32 weights, or per row), bfloat16 compute."),
+    io: str = IO,
+    expert_cache: str = EXPERT_CACHE,
+    quantize: str = QUANTIZE,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: tokens, text, stats."),
 ) -> None:
     """Generate text with expert slices paged from disk under a memory budget (greedy by default)."""
@@ -125,9 +146,8 @@ def run(
 
     ref = model or str(demo_model_path())
     tokenizer = load_tokenizer(read_layout(ref).path)
-    options = dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io, expert_cache=expert_cache,
-                   predictors=predictor, profiles=profiles, speculator=False if speculator == "none" else speculator,
-                   progress=not json_out, quantize=quantize)
+    options = _load_options(max_memory, cache, policy, prefetch, predictor, profiles, speculator, io, expert_cache, quantize,
+                            progress=not json_out)
     if chat:
         _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed)
         return
@@ -176,7 +196,7 @@ def _streamer(tokenizer):
 
 
 def _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed) -> None:
-    from .runner import open_model, run_once
+    from .runner import chat_ids, open_model, run_once
 
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ExpertPagerError(f"{ref}: --chat needs a tokenizer with a chat template; use --prompt")
@@ -184,11 +204,37 @@ def _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed) 
     messages = []
     for line in sys.stdin:
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) else list(ids)
+        ids = chat_ids(tokenizer, messages)
         result = run_once(m, ids, max_new_tokens, temperature, seed, tokenizer, _streamer(tokenizer))
         console.print()
         messages.append({"role": "assistant", "content": result.text or ""})
+
+
+@app.command()
+def serve(
+    model: str = MODEL,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    max_queue: int = typer.Option(16, "--max-queue", min=1, help="Requests that may wait while one is served; more get HTTP 429."),
+    max_memory: str = MAX_MEMORY,
+    cache: str = CACHE,
+    policy: str = POLICY,
+    prefetch: bool = PREFETCH,
+    predictor: str = PREDICTOR,
+    profiles: str = PROFILES,
+    speculator: str = SPECULATOR,
+    io: str = IO,
+    expert_cache: str = EXPERT_CACHE,
+    quantize: str = QUANTIZE,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models), with
+    /health, Prometheus /metrics, and a page at / that chats and shows the expert cache live."""
+    from .model.demo import demo_model_path
+    from .server.serve import serve as run_server
+
+    options = _load_options(max_memory, cache, policy, prefetch, predictor, profiles, speculator, io, expert_cache, quantize,
+                            progress=True)
+    run_server(model or str(demo_model_path()), host, port, max_queue, options)
 
 
 def _fractions(text: str) -> list[float]:

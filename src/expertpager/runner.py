@@ -38,6 +38,12 @@ def load_tokenizer(path: str):
         return None
 
 
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt token ids for a conversation through the tokenizer's chat template, ready for the reply."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def load_resident(path: str) -> PreTrainedModel:
     """The same checkpoint fully in memory through plain transformers (safetensors checkpoints only)."""
     if Path(path).suffix == ".gguf":
@@ -73,7 +79,7 @@ def run_once(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int,
     pager = getattr(model, "pager", None)
     if pager is not None:
         s = pager.stats_snapshot()
-        stats.update(hit_rate=s.hit_rate, prefetch_hit_rate=s.prefetch_hits / s.prefetch_issued if s.prefetch_issued else 0.0,
+        stats.update(hit_rate=s.hit_rate, prefetch_hit_rate=s.prefetch_hit_rate,
                      hits=s.hits, misses=s.misses, bytes_read=s.bytes_read, stall_seconds=s.stall_seconds,
                      read_gbps=s.read_gbps, cache_bytes=pager.pool_bytes, cache_slots=pager.num_slots,
                      expert_bytes=model.layout.expert_bytes, policy=type(pager.policy).__name__.lower())

@@ -230,6 +230,11 @@ class SliceCache:
         with self._lock:
             return list(self._ready)
 
+    def occupancy(self) -> dict[SliceKey, tuple[int, int]]:
+        """Each slice loaded now -> (its slot's bytes, pins held on it), read together under the lock."""
+        with self._lock:
+            return {k: (self._pool.sizes[s.index], s.pins) for k, s in self._ready.items()}
+
     def stats_snapshot(self) -> StatsSnapshot:
         with self._lock:
             return self._stats.snapshot()
