@@ -20,8 +20,7 @@ LOAD_TIMEOUT = 300  # seconds a shared 2-core machine may need to import and loa
 class Server:
     process: subprocess.Popen
     url: str
-    log: Path
-    health: list[int]  # the /health statuses seen while it started
+    log: Path | None
 
     def get(self, path: str) -> tuple[int, bytes]:
         try:
@@ -61,16 +60,14 @@ def start_server(log: Path, *args: str) -> Server:
     out = log.open("wb")
     process = subprocess.Popen([sys.executable, "-m", "expertpager", "serve", "--port", str(port), *args],
                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    server = Server(process, f"http://127.0.0.1:{port}", log, [])
+    server = Server(process, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + LOAD_TIMEOUT
     while time.monotonic() < deadline:
         assert process.poll() is None, log.read_text()
         try:
             status, _ = server.get("/health")
         except OSError:  # not listening yet
-            time.sleep(0.2)
-            continue
-        server.health.append(status)
+            status = None
         if status == 200:
             return server
         time.sleep(0.2)

@@ -94,6 +94,7 @@ class Engine:
         self.loading_done = threading.Event()
         self.error: str | None = None
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.running: Job | None = None
         self.totals = Totals()
         self.lock = threading.Lock()
         self.on_loaded: list[Callable[[object], None]] = []
@@ -134,6 +135,7 @@ class Engine:
             if job.cancelled.is_set():
                 self._record(job, "cancelled", None)
                 continue
+            self.running = job
             try:
                 outcome = self._run(job)
             except Exception as e:  # noqa: BLE001 - one failed request must not stop the server
@@ -141,6 +143,8 @@ class Engine:
                 self._record(job, "error", None)
                 job.emit(("error", f"generation failed: {e}"))
                 continue
+            finally:
+                self.running = None
             self._record(job, "cancelled" if job.cancelled.is_set() else outcome.finish_reason, outcome)
             job.emit(("done", outcome))
 

@@ -42,6 +42,7 @@ class EngineCollector:
         yield _gauge("decode_tokens_per_second_average", "Decode speed over all requests.",
                      t.decode_tokens / t.decode_seconds if t.decode_seconds else 0.0)
         yield _gauge("queue_waiting", "Requests waiting for the model.", e.jobs.qsize())
+        yield _gauge("requests_running", "Requests being generated now (0 or 1).", 0.0 if e.running is None else 1.0)
         yield _gauge("model_loaded", "1 once the model is loaded.", 1.0 if e.ready.is_set() else 0.0)
         if e.ready.is_set():
             yield from self._pager()
