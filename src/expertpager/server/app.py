@@ -4,7 +4,6 @@ live feed of the expert cache. Requests become Jobs for the Engine; its events c
 import asyncio
 import json
 import secrets
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,7 +45,7 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        engine.count(_endpoint(request), "rejected" if e.status == 429 else "invalid" if e.status == 400 else "error")
+        engine.count(_endpoint(request), {400: "invalid", 429: "rejected"}.get(e.status, "unavailable"))
         return JSONResponse(e.body, status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
@@ -59,9 +58,8 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
         return JSONResponse(error_body(str(e.detail), code=str(e.status_code)), status_code=e.status_code)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, e: Exception) -> JSONResponse:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return JSONResponse(error_body(f"internal error: {e}", "server_error"), status_code=500)
+    async def _unexpected(_request: Request, e: Exception) -> JSONResponse:  # uvicorn logs the traceback
+        return JSONResponse(error_body(f"internal error: {e}", "server_error", "internal"), status_code=500)
 
     @app.get("/health")
     async def health() -> JSONResponse:

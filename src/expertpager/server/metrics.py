@@ -29,7 +29,7 @@ class EngineCollector:
         with e.lock:
             t = replace(e.totals, requests=dict(e.totals.requests))
         requests = CounterMetricFamily("expertpager_requests", "Requests by endpoint and outcome "
-                                       "(stop, length, cancelled, error, invalid, rejected).",
+                                       "(stop, length, cancelled, error, invalid, rejected, unavailable).",
                                        labels=["endpoint", "outcome"])
         for (endpoint, outcome), n in sorted(t.requests.items()):
             requests.add_metric([endpoint, outcome], n)

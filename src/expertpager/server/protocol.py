@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-Probability = Annotated[float, Field(strict=True, ge=0.0, le=1.0)]
+Probability = Annotated[float, Field(strict=True, gt=0.0, le=1.0)]
 
 
 class TextPart(BaseModel):
