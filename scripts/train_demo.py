@@ -332,6 +332,8 @@ Trained from scratch in float32 with `torch.set_num_threads({threads})` on a 2-c
   loss (router_aux_loss_coef {cfg.router_aux_loss_coef}); took {train_minutes:.0f} minutes including tokenizer training
   (torch {torch}).
 - the tokenizer is trained by the same script on the training split.
+- chat template (`chat_template.jinja`): plain `role: text` turns, then `assistant: `; the model never saw a
+  conversation, it is there so `run --chat` and `serve` work out of the box.
 
 Retrain (seed, data order and thread count are fixed; a rerun has not been compared bit for bit):
 `PYTHONPATH=src python scripts/train_demo.py`; `--card-only` recomputes this card, the losses and the traces.
