@@ -2,6 +2,8 @@
 requests one at a time, in the order they came, from a bounded queue. Each request's paging stats are the pager's
 counters before and after it (exact, since nothing else runs meanwhile)."""
 
+import contextlib
+import copy
 import queue
 import sys
 import threading
@@ -85,11 +87,12 @@ class Busy(Exception):
 
 class Engine:
     """Owns the model: `start()` loads it in a thread (`ready` is set when done, `error` says why it failed);
-    `submit(job)` queues a request or raises Busy."""
+    `submit(job)` queues a request or raises Busy. `tokenizer` is the HTTP side's to encode prompts with; the
+    worker decodes with its own copy."""
 
     def __init__(self, load_model: Callable[[], tuple], max_queue: int):
         self._load_model = load_model
-        self.model = self.tokenizer = None
+        self.model = self.tokenizer = self._decoder = None
         self.ready = threading.Event()
         self.loading_done = threading.Event()
         self.error: str | None = None
@@ -114,11 +117,14 @@ class Engine:
             raise Busy(f"{self.jobs.maxsize} requests are already waiting; try again later") from None
 
     def close(self) -> None:
-        self.jobs.put(None)
+        """Let the worker finish once the queue is empty (it is a daemon thread: a process that exits ends it)."""
+        with contextlib.suppress(queue.Full):
+            self.jobs.put_nowait(None)
 
     def _serve(self) -> None:
         try:
             self.model, self.tokenizer = self._load_model()
+            self._decoder = copy.deepcopy(self.tokenizer)  # a Rust tokenizer must not be used by two threads at once
             for hook in self.on_loaded:
                 hook(self.model)
         except ExpertPagerError as e:
@@ -151,8 +157,8 @@ class Engine:
     def _run(self, job: Job) -> Outcome:
         pager = self.model.pager
         before = pager.stats_snapshot()
-        text = TextStream(self.tokenizer, job.stops)
-        eos = self.tokenizer.eos_token_id
+        text = TextStream(self._decoder, job.stops)
+        eos = self._decoder.eos_token_id
 
         def on_token(token: int) -> bool:
             if token != eos:
