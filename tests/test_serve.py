@@ -16,20 +16,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from expertpager.model.demo import demo_model_path
 from expertpager.runner import chat_ids
 from expertpager.runtime.generate import generate
-from serve_helpers import start_server, stop_server
 
 MODEL = "expertpager-demo"
-QUEUE = 4
+QUEUE = 4  # the demo_server's --max-queue (conftest.py)
 CHAT = [{"role": "user", "content": "What does the for statement do?"}]
 CODE = "def main(args):"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = start_server(tmp_path_factory.mktemp("serve") / "server.log", "--cache", "25%", "--max-queue", str(QUEUE))
-    yield s
-    stop_server(s)
-    assert "Traceback" not in s.log.read_text()
+def server(demo_server):
+    return demo_server
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +141,16 @@ def test_bad_requests_get_400_in_openai_shape(server, body, param, code):
     assert status == 400 and set(out["error"]) >= {"message", "type", "code"}
     assert out["error"]["type"] == "invalid_request_error" and out["error"]["code"] == code
     assert out["error"]["param"] == param and "Traceback" not in out["error"]["message"]
+
+
+def test_null_parameters_take_their_defaults(server):
+    body = {"prompt": CODE, "max_tokens": 3, "temperature": None, "top_p": None, "stop": None, "seed": None, "stream": None}
+    status, out = server.post("/v1/completions", {**body, "temperature": 0})
+    assert status == 200 and out["usage"]["completion_tokens"] == 3
+    status, out = server.post("/v1/completions", body)
+    assert status == 200
+    status, out = server.post("/v1/completions", {**body, "prompt": None})
+    assert status == 400 and out["error"]["code"] == "missing_required_parameter"
 
 
 def test_openai_client_raises_bad_request(client):

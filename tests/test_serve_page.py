@@ -5,8 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from serve_helpers import start_server, stop_server
-
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (.ci/run installs it)")
 
@@ -19,21 +17,14 @@ CACHED_PIXELS = """() => {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = start_server(tmp_path_factory.mktemp("page") / "server.log", "--cache", "25%")
-    yield s
-    stop_server(s)
-
-
-@pytest.fixture(scope="module")
-def page(server):
+def page(demo_server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         page = browser.new_page()
         page.set_default_timeout(120_000)  # a bound on waiting on a busy machine, not a check
-        page.goto(server.url + "/")
+        page.goto(demo_server.url + "/")
         yield page
         browser.close()
 
