@@ -81,16 +81,20 @@ class Handler(BaseHTTPRequestHandler):
             file = next((f / path[len(p):] for p, f in s.folders.items() if path.startswith(p)), None)
         if file is None or not file.is_file():
             return self._send(404, {}, b"not found", head, extra)
-        data = file.read_bytes()
-        etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+        st = file.stat()
+        etag = '"' + hashlib.sha256(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()[:32] + '"'
         headers = {"ETag": etag, "Accept-Ranges": "bytes", **extra}
         rng = re.match(r"bytes=(\d+)-(\d+)$", self.headers.get("Range") or "")
-        if head or rng is None or s.faults.ignore_range:
-            return self._send(200, headers, data, head)
-        start, end = int(rng[1]), min(int(rng[2]), len(data) - 1)
-        body = data[start:end + 1]
+        if head:
+            return self._send(200, {**headers, "Content-Length": str(st.st_size)}, b"", head)
+        if rng is None or s.faults.ignore_range:
+            return self._send(200, headers, file.read_bytes(), head)
+        start, end = int(rng[1]), min(int(rng[2]), st.st_size - 1)
+        with open(file, "rb") as f:
+            f.seek(start)
+            body = f.read(end + 1 - start)
         s.range_bytes += len(body)
-        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        headers["Content-Range"] = f"bytes {start}-{end}/{st.st_size}"
         f = s.faults
         if f.take("drop"):
             self.close_connection = True
@@ -115,7 +119,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, headers: dict, body: bytes, head: bool, extra: dict | None = None) -> None:
         self.send_response(status)
-        for k, v in {**headers, **(extra or {}), "Content-Length": str(len(body))}.items():
+        for k, v in {"Content-Length": str(len(body)), **headers, **(extra or {})}.items():
             self.send_header(k, v)
         self.end_headers()
         if not head:

@@ -132,6 +132,11 @@ class Store:
     # -- facts -------------------------------------------------------------------------------------------------
 
     @property
+    def fixed_bytes(self) -> int:
+        """Bytes the store needs besides slices: headers, small files and the resident tensors (fetched or not)."""
+        return self._fixed + (0 if self._meta().get("resident") else sum(t.length for t in self.remote_layout.resident))
+
+    @property
     def used_bytes(self) -> int:
         return self._fixed + self._reserved + sum(self._present.values())
 
@@ -249,6 +254,24 @@ class Store:
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             return sum(pool.map(one, list(keys)))
+
+    def measure_network(self, sample_bytes: int = 32 << 20, threads: int = 4) -> tuple[float, float]:
+        """(bytes/s of slice-sized range reads, `threads` at a time; seconds of one 1-byte read, the median of 3),
+        measured against the remote on up to `sample_bytes` of slices; nothing is stored."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        keys = sorted(self._sources)
+        runs = [r for k in keys[:: max(1, len(keys) * self.layout.slice_bytes // sample_bytes)] for r in self._sources[k].runs]
+        first = runs[0][0]
+        pings = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            self.client.read(first.url, 0, 1, self.model.headers)
+            pings.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            got = sum(pool.map(lambda r: len(self.client.read(r[0].url, r[1], r[2] - r[1], self.model.headers)), runs))
+        return got / (time.perf_counter() - t0), sorted(pings)[1]
 
     # -- resident tensors ----------------------------------------------------------------------------------------
 

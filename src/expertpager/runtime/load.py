@@ -167,6 +167,16 @@ def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int |
     return plan
 
 
+def memory_plan(layout: Layout, max_memory: str | int | None, expert_cache: str = DEFAULT_EXPERT_CACHE,
+                cache: str | int | None = None) -> MemoryPlan:
+    """How `max_memory` (or an expert cache of `cache`) splits for this layout in the tier `expert_cache` picks, as
+    `load` would split it (what `inspect --max-memory` shows)."""
+    tier = resolve_tier(layout, expert_cache)
+    dtype = compute_dtype(layout, "auto", tier)
+    decoder, _ = expert_tier(layout, expert_cache, dtype)
+    return plan_budget(layout, max_memory, cache, decoder, dtype=dtype, tier=tier)
+
+
 def resident_held(layout: Layout) -> int:
     """Bytes a quantized GGUF's resident tensors take in the compact tier: quantized matrices packed (the token
     embedding as stored, unless lm_head shares it), everything else in bfloat16 (see gguf_model.compact_resident)."""
