@@ -46,7 +46,8 @@ class Served:
     commit: str = "0123456789abcdef0123456789abcdef01234567"
     faults: Faults = field(default_factory=Faults)
     range_bytes: int = 0  # body bytes sent for range GETs
-    requests: list = field(default_factory=list)
+    requests: list = field(default_factory=list)  # (method, path, Range header)
+    auth: list = field(default_factory=list)  # the Authorization header of each request (None when absent)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -67,6 +68,7 @@ class Handler(BaseHTTPRequestHandler):
         s = self.served
         path = unquote(urlsplit(self.path).path)
         s.requests.append((self.command, path, self.headers.get("Range")))
+        s.auth.append(self.headers.get("Authorization"))
         m = API.match(path)
         if m and m["repo"] in s.repos:
             folder = s.repos[m["repo"]]
@@ -126,14 +128,24 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+class _Quiet(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that hung up mid-answer (timeouts, faults) is expected here, not worth a traceback."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class Server:
     """`with Server() as srv:` a threaded server on 127.0.0.1; srv.url; srv.served to add folders and faults."""
 
     def __init__(self):
         self.served = Served()
         handler = type("BoundHandler", (Handler,), {"served": self.served})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Quiet(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

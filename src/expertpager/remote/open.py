@@ -2,6 +2,7 @@
 skeleton, read its layout with the model layer's own header readers, and hand back a Store."""
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -24,10 +25,10 @@ def default_store(ref: str) -> Path:
 
 
 def is_offline() -> bool:
-    """huggingface_hub's offline mode (HF_HUB_OFFLINE=1)."""
+    """huggingface_hub's offline mode: HF_HUB_OFFLINE=1 (read now as well as at the Hub client's import)."""
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE)
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def open_store(ref: str, folder: str | Path | None = None, disk: int | None = None, offline: bool | None = None,

@@ -48,25 +48,23 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 def fetch_skeleton(folder: Path, model: RemoteModel, client: RangeClient) -> int:
     """Write every file of `model` not yet in `folder`: small files whole, weight files as header skeletons.
-    Returns the bytes the skeleton holds on disk (small files + headers)."""
-    held = 0
+    Returns the bytes the skeleton takes on disk (skeleton_bytes)."""
     for name, f in model.files.items():
         path = folder / name
+        if path.exists():
+            continue
         if name in model.weights:
-            if not path.exists():
-                _write_header(path, f, model, client)
-            held += _header_bytes(path)
+            _write_header(path, f, model, client)
         else:
-            if not path.exists():
-                write_atomic(path, f.size, lambda fd, f=f: pwrite_all(fd, client.read(f.url, 0, f.size, model.headers), 0)
-                             if f.size else None)
-            held += f.size
-    return held
+            write_atomic(path, f.size, lambda fd, f=f: pwrite_all(fd, client.read(f.url, 0, f.size, model.headers), 0)
+                         if f.size else None)
+    return skeleton_bytes(folder, model)
 
 
-def _header_bytes(path: Path) -> int:
-    """Allocated bytes of a sparse skeleton file (its header, and resident tensors once fetched)."""
-    return os.stat(path).st_blocks * 512
+def skeleton_bytes(folder: Path, model: RemoteModel) -> int:
+    """Bytes the skeleton takes on disk: small files, and the blocks allocated to the sparse weight files (their
+    headers, and resident tensors once fetched)."""
+    return sum(os.stat(folder / n).st_blocks * 512 if n in model.weights else f.size for n, f in model.files.items())
 
 
 def _write_header(path: Path, f: RemoteFile, model: RemoteModel, client: RangeClient) -> None:

@@ -21,7 +21,7 @@ from ..model.read_layout import read_layout
 from ..pager.reads import plan_reads
 from .http import RangeClient
 from .refs import RemoteFile, RemoteModel
-from .skeleton import fetch_ranges, fetch_skeleton, pwrite_all, write_atomic
+from .skeleton import fetch_ranges, pwrite_all, skeleton_bytes, write_atomic
 
 STORE_FILE = "store.json"
 SLICES = "slices"
@@ -93,6 +93,10 @@ class Store:
             self._make_room(0, None)  # the budget may be smaller than last time
 
     # -- layout ----------------------------------------------------------------------------------------------
+
+    def slice_size(self, key: SliceKey) -> int:
+        """Bytes the slice's store file takes."""
+        return self._sources[key].size
 
     def slice_path(self, key: SliceKey) -> Path:
         return self.folder / SLICES / f"{key[0]:04d}-{key[1]:04d}.bin"
@@ -295,7 +299,7 @@ class Store:
                 name = Path(path).relative_to(self.folder).as_posix()
                 fetch_ranges(Path(path), self.model.files[name], ranges, self.model, self.client,
                              lambda n: [advance() for _ in range(n >> 20)])
-        self._fixed += total
+        self._fixed = skeleton_bytes(self.folder, self.model)
         self._write_meta({**meta, "resident": True})
 
     def _meta(self) -> dict:
