@@ -168,8 +168,6 @@ def run(
             console.print()
         if hasattr(m, "pager"):
             m.pager.close()
-        if getattr(m, "store", None) is not None:
-            m.store.close()
         del m
     if json_out:
         out = {mode: {"tokens": r.generation.tokens, "text": r.text, "stats": r.stats} for mode, r in results.items()}
@@ -521,7 +519,6 @@ def pull(
         keys = [k for k in p.hottest(int((p.counts > 0).sum()))][: room + len(s.present())]
     with progress_bar("fetching slices", len(keys), enabled=not json_out and bool(keys)) as advance:
         fetched = s.fetch_many(keys, threads, advance)
-    s.close()
     info = {"model": model, "store": str(s.folder), "slices_fetched": fetched, "slices_in_store": len(s.present()),
             "num_slices": len(s.layout.slices), **s.stats().to_dict()}
     if json_out:

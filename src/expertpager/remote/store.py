@@ -2,7 +2,7 @@
 one file per expert slice fetched so far, under a disk budget. A slice the pager misses is looked up here and, if
 absent, fetched by HTTP range, verified (its SHA-256 where the checkpoint is a repacked one with a manifest, else
 every byte of its length), written under a temporary name and renamed. Over budget, the least recently used slices
-not being read are deleted. Offline, only what the store holds is used, and a missing slice is named."""
+not being read are deleted (recency survives between runs as the files' mtimes). Offline, only what the store holds is used, and a missing slice is named."""
 
 import json
 import os
@@ -182,6 +182,7 @@ class Store:
                 if key in self._present:
                     self._present.move_to_end(key)
                     self._stats.hits += 1
+                    self._touch(key)
                     return False
                 waiting = self._fetching.get(key)
                 if waiting is None:
@@ -197,6 +198,13 @@ class Store:
             with self._lock:
                 self._fetching.pop(key).set()
         return True
+
+    def _touch(self, key: SliceKey) -> None:
+        """Record the use in the file's mtime, so a later run evicts in the same order."""
+        try:
+            os.utime(self.slice_path(key))
+        except FileNotFoundError:
+            pass
 
     def _fetch(self, key: SliceKey) -> None:
         """Fetch the slice's runs into an image of its file, verify it, make room, write it atomically."""
@@ -308,12 +316,3 @@ class Store:
     def _write_meta(self, meta: dict) -> None:
         raw = json.dumps(meta, indent=1).encode()
         write_atomic(self.folder / STORE_FILE, len(raw), lambda fd: pwrite_all(fd, raw, 0))
-
-    def close(self) -> None:
-        """Record each present slice's recency (file mtimes) so the next run evicts in the same order."""
-        with self._lock:
-            now = time.time()
-            for i, key in enumerate(self._present):
-                path = self.slice_path(key)
-                if path.exists():
-                    os.utime(path, (now, now - len(self._present) + i))
