@@ -44,6 +44,7 @@ class Served:
     folders: dict[str, Path] = field(default_factory=dict)  # "/files/NAME/" prefix -> folder
     repos: dict[str, Path] = field(default_factory=dict)  # "org/name" -> folder
     commit: str = "0123456789abcdef0123456789abcdef01234567"
+    latency: float = 0.0  # seconds every range GET waits before answering (a far server, for benchmarks)
     faults: Faults = field(default_factory=Faults)
     range_bytes: int = 0  # body bytes sent for range GETs
     requests: list = field(default_factory=list)  # (method, path, Range header)
@@ -97,6 +98,8 @@ class Handler(BaseHTTPRequestHandler):
             body = f.read(end + 1 - start)
         s.range_bytes += len(body)
         headers["Content-Range"] = f"bytes {start}-{end}/{st.st_size}"
+        if s.latency:
+            time.sleep(s.latency)
         f = s.faults
         if f.take("drop"):
             self.close_connection = True

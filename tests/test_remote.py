@@ -187,3 +187,39 @@ def test_cli_pull_profile_then_offline_run_and_plan(sources, server, tmp_path):
     assert p["routing"] == "profile" and p["store_slices"] == len(layout.slices) and p["network_bytes_per_token"] == 0
     hot = np.sort(counts.reshape(-1))[::-1]  # a cache of C slices holds the C hottest: their share of all uses
     assert 0 < p["cache_slices"] < 9 and p["hit_rate"] == pytest.approx(hot[: p["cache_slices"]].sum() / hot.sum())
+
+
+def test_gguf_url_header_read_in_growing_ranges_gives_the_local_layout(sources, server, tmp_path, monkeypatch):
+    import expertpager.remote.skeleton as skeleton
+
+    monkeypatch.setattr(skeleton, "GGUF_FIRST_READ", 256)  # the header is several KiB: parse, read twice as much, ...
+    local = read_layout(sources["gguf"] / "tiny-Q8_0.gguf")
+    store = open_store(server.folder("g", sources["gguf"]) + "tiny-Q8_0.gguf", tmp_path / "s", client=fast_client())
+    remote = store.remote_layout
+    assert (remote.architecture, remote.num_experts, remote.config) == (local.architecture, local.num_experts, local.config)
+    assert [(t.name, t.offset, t.length, t.dtype) for t in remote.resident] == [(t.name, t.offset, t.length, t.dtype) for t in local.resident]
+    assert {k: [(p.role, p.offset, p.length) for p in s.parts] for k, s in remote.slices.items()} == \
+        {k: [(p.role, p.offset, p.length) for p in s.parts] for k, s in local.slices.items()}
+    size = (sources["gguf"] / "tiny-Q8_0.gguf").stat().st_size
+    ranges = [r for m, p, r in server.served.requests if m == "GET" and p.endswith("tiny-Q8_0.gguf")]
+    assert len(ranges) >= 3 and server.served.range_bytes < size / 2
+
+
+def test_bad_remote_input_is_one_clear_error_naming_the_url(sources, server, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((sources["hf"] / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    url = server.folder("broken", broken)
+    with pytest.raises(ExpertPagerError, match=rf"{url}model.safetensors: truncated or corrupt safetensors"):
+        open_store(url, tmp_path / "s1", client=fast_client())
+    with pytest.raises(ExpertPagerError, match="HTTP 404"):
+        open_store(server.folder("none", tmp_path / "missing") + "x.gguf", tmp_path / "s2", client=fast_client())
+    with pytest.raises(ExpertPagerError, match="no config.json"):
+        open_store(server.folder("empty", tmp_path), tmp_path / "s3", client=fast_client())
+    result = CliRunner().invoke(app, ["run", "hf://org/nope", "--store", str(tmp_path / "s4"), "--prompt-ids", "1,2"])
+    assert isinstance(result.exception, ExpertPagerError) and "hf://org/nope" in str(result.exception)
+    (tmp_path / "user-folder").mkdir()
+    (tmp_path / "user-folder" / "notes.txt").write_text("mine")
+    with pytest.raises(ExpertPagerError, match="not an expertpager store"):
+        open_store("hf://org/tiny", tmp_path / "user-folder")
