@@ -171,6 +171,15 @@ def test_cli_pull_profile_then_offline_run_and_plan(sources, server, tmp_path):
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert info["slices_in_store"] == 3 * len(layout.moe_layers) and info["remote_bytes"] > 0
+    probe = open_store(url, tmp_path / "small")
+    probe.fetch_resident()
+    disk = probe.used_bytes + 2 * max(probe.slice_size(k) for k in probe.layout.slices)
+    small = CliRunner().invoke(app, ["pull", url, "--profile", str(tmp_path / "code.json"), "--store",
+                                     str(tmp_path / "small"), "--disk", str(disk), "--json"])
+    assert small.exit_code == 0, small.output
+    hottest = Profile("code", list(layout.moe_layers), counts, 10).hottest(2)
+    assert json.loads(small.stdout)["store_evictions"] == 0
+    assert sorted(open_store(url, tmp_path / "small", disk=disk).present()) == sorted(hottest)
     run = CliRunner().invoke(app, ["run", url, "--prompt-ids", "5,6,7", "-n", "3", "--cache", "100%", "--store", store,
                                    "--json"])
     assert run.exit_code == 0, run.output

@@ -515,8 +515,15 @@ def pull(
     keys = []
     if profile_path:
         p = _profile_for(profile_path, s.layout)
-        room = len(s.layout.slices) if s.disk is None else max(0, (s.disk - s.used_bytes) // s.layout.slice_bytes)
-        keys = [k for k in p.hottest(int((p.counts > 0).sum()))][: room + len(s.present())]
+        largest = max(s.slice_size(k) for k in s.layout.slices)
+        room = len(s.layout.slices) if s.disk is None else max(0, (s.disk - s.used_bytes) // largest)
+        present = set(s.present())
+        for k in p.hottest(int((p.counts > 0).sum())):
+            if k not in present and not room:
+                break
+            keys.append(k)
+            room -= k not in present
+        keys.reverse()  # the hottest last, so they are the most recently used and the last the store evicts
     with progress_bar("fetching slices", len(keys), enabled=not json_out and bool(keys)) as advance:
         fetched = s.fetch_many(keys, threads, advance)
     info = {"model": model, "store": str(s.folder), "slices_fetched": fetched, "slices_in_store": len(s.present()),
