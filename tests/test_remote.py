@@ -31,7 +31,12 @@ def sources(tmp_path_factory):
     gguf_repo.mkdir()
     export_gguf(hf, gguf_repo / "tiny-Q8_0.gguf", "q8_0", progress=False)
     export_gguf(hf, gguf_repo / "tiny-F16.gguf", "f16", progress=False)
-    return {"hf": hf, "gguf": gguf_repo, "repacked": repack(hf, root / "repacked", "per-layer", progress=False)}
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(hf).save_pretrained(root / "sharded", max_shard_size="40KB")
+    assert len(list((root / "sharded").glob("*.safetensors"))) > 2
+    return {"hf": hf, "gguf": gguf_repo, "sharded": root / "sharded",
+            "repacked": repack(hf, root / "repacked", "per-layer", progress=False)}
 
 
 @pytest.fixture()
@@ -39,6 +44,8 @@ def server(sources, monkeypatch):
     with Server() as srv:
         srv.served.repos["org/tiny"] = sources["hf"]
         srv.served.repos["org/tiny-gguf"] = sources["gguf"]
+        srv.served.repos["org/tiny-sharded"] = sources["sharded"]
+        srv.served.repos["org/tiny-packed"] = sources["repacked"]
         monkeypatch.setenv("HF_ENDPOINT", srv.url)
         monkeypatch.setenv("HF_TOKEN", "hf_test_token")
         yield srv
@@ -52,12 +59,15 @@ def no_partials(folder) -> bool:
     return not [p for p in folder.rglob(".*") if p.name.endswith(".partial")]
 
 
-@pytest.mark.parametrize("kind", ["folder", "hf", "hf-gguf", "repacked"])
+@pytest.mark.parametrize("kind", ["folder", "hf", "hf-gguf", "repacked", "hf-sharded", "hf-repacked", "sharded"])
 def test_remote_runs_with_the_logits_of_the_local_checkpoint(sources, server, tmp_path, kind):
     ref, local = {"folder": (server.folder("tiny", sources["hf"]), sources["hf"]),
                   "hf": ("hf://org/tiny", sources["hf"]),
                   "hf-gguf": ("hf://org/tiny-gguf:Q8_0", sources["gguf"] / "tiny-Q8_0.gguf"),
-                  "repacked": (server.folder("packed", sources["repacked"]), sources["repacked"])}[kind]
+                  "repacked": (server.folder("packed", sources["repacked"]), sources["repacked"]),
+                  "hf-sharded": ("hf://org/tiny-sharded", sources["sharded"]),
+                  "sharded": (server.folder("sharded", sources["sharded"]), sources["sharded"]),
+                  "hf-repacked": ("hf://org/tiny-packed", sources["repacked"])}[kind]
     cache = min_cache(local)
     expected = logits_trace(load(local, cache=cache), PROMPT, STEPS)
     model = load(ref, cache=cache, store=tmp_path / "store")

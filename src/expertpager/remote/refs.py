@@ -161,31 +161,28 @@ def _list_hf(ref: str) -> RemoteModel:
     names = [s.rfilename for s in info.siblings or []]
     kind, weights = _hf_kind(ref, names, m["quant"])
     headers = build_hf_headers()
-    files = {}
-    wanted = [n for n in names if "/" not in n and n.endswith(SMALL_SUFFIXES) or n in SIDECAR_FILES] + weights
-    for n in dict.fromkeys(wanted):
-        url = hf_hub_url(repo, n, revision=info.sha, endpoint=endpoint)
+
+    def remote_file(name: str) -> RemoteFile:
+        url = hf_hub_url(repo, name, revision=info.sha, endpoint=endpoint)
         try:
             meta = get_hf_file_metadata(url, retry_on_errors=True)
         except (HfHubHTTPError, OSError) as e:
             raise ExpertPagerError(f"{url}: cannot read the file's metadata ({e})") from None
         if meta.size is None:
             raise ExpertPagerError(f"{url}: the Hub gives no size for this file")
-        files[n] = RemoteFile(n, url, meta.size, None)  # the commit pins the content; redirects are followed per read
-    model = RemoteModel(ref, kind, info.sha, files, weights, headers)
+        return RemoteFile(name, url, meta.size, None)  # the commit pins the content; redirects are followed per read
+
+    small = [n for n in names if "/" not in n and n.endswith(SMALL_SUFFIXES) or n in SIDECAR_FILES]
+    files = {n: remote_file(n) for n in dict.fromkeys(small + weights)}
     if kind == "safetensors" and "model.safetensors.index.json" in files:
-        model.weights = _index_shards(RangeClient(), files["model.safetensors.index.json"], headers)
-        missing = [n for n in model.weights if n not in files]
-        if missing:
-            raise ExpertPagerError(f"{ref}: its safetensors index names {missing[0]}, which the repo does not have")
+        weights = _index_shards(RangeClient(), files["model.safetensors.index.json"], headers)
     elif kind == "repacked":
-        model.weights = _manifest_weights(RangeClient(), files[MANIFEST], headers)
-        for n in model.weights:
-            if n not in files:
-                url = hf_hub_url(repo, n, revision=info.sha, endpoint=endpoint)
-                meta = get_hf_file_metadata(url, retry_on_errors=True)
-                files[n] = RemoteFile(n, url, meta.size, None)
-    return model
+        weights = _manifest_weights(RangeClient(), files[MANIFEST], headers)
+    missing = [n for n in weights if n not in names]
+    if missing:
+        raise ExpertPagerError(f"{ref}: the checkpoint names {missing[0]}, which the repo does not have")
+    files.update({n: remote_file(n) for n in weights if n not in files})
+    return RemoteModel(ref, kind, info.sha, files, weights, headers)
 
 
 def _hf_kind(ref: str, names: list[str], quant: str | None) -> tuple[str, list[str]]:
