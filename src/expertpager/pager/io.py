@@ -40,8 +40,8 @@ def _open_direct(path: str) -> int:
 
 
 class Files:
-    """Descriptors per file in its effective mode, opened at first use; thread-safe positional reads into slots.
-    keep_open=False opens and closes a file around each read (files that a store may delete and replace)."""
+    """One open descriptor per file in its effective mode; thread-safe positional reads into slots. keep_open=False
+    instead opens and closes a file around each read (files that a store may create, delete and replace)."""
 
     def __init__(self, paths: Iterable[str], mode: str = "auto", keep_open: bool = True):
         if mode not in MODES:
