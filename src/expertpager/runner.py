@@ -83,6 +83,9 @@ def run_once(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int,
                      hits=s.hits, misses=s.misses, bytes_read=s.bytes_read, stall_seconds=s.stall_seconds,
                      read_gbps=s.read_gbps, cache_bytes=pager.pool_bytes, cache_slots=pager.num_slots,
                      expert_bytes=model.layout.expert_bytes, policy=type(pager.policy).__name__.lower())
+        store = getattr(model, "store", None)
+        if store is not None:
+            stats.update(store.stats().to_dict())
     else:
         stats.update(hit_rate=1.0, prefetch_hit_rate=0.0, bytes_read=0, stall_seconds=0.0, cache_bytes=0)
     text = tokenizer.decode(gen.tokens, skip_special_tokens=True) if tokenizer is not None else None

@@ -15,7 +15,7 @@ from ..errors import ExpertPagerError
 from ..model.gguf_config import gguf_arch
 from ..model.layout import ExpertSlice, Layout, SliceKey
 from ..model.plan import MemoryPlan, plan_cache, plan_memory, resident_in_memory
-from ..model.read_layout import read_layout
+from ..remote import Store, resolve_layout
 from ..pager import Decoder, SliceCache, checksum_verifier
 from ..pager.replay import slot_needs
 from ..pager.decode import staging_bytes
@@ -167,6 +167,16 @@ def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int |
     return plan
 
 
+def memory_plan(layout: Layout, max_memory: str | int | None, expert_cache: str = DEFAULT_EXPERT_CACHE,
+                cache: str | int | None = None) -> MemoryPlan:
+    """How `max_memory` (or an expert cache of `cache`) splits for this layout in the tier `expert_cache` picks, as
+    `load` would split it (what `inspect --max-memory` shows)."""
+    tier = resolve_tier(layout, expert_cache)
+    dtype = compute_dtype(layout, "auto", tier)
+    decoder, _ = expert_tier(layout, expert_cache, dtype)
+    return plan_budget(layout, max_memory, cache, decoder, dtype=dtype, tier=tier)
+
+
 def resident_held(layout: Layout) -> int:
     """Bytes a quantized GGUF's resident tensors take in the compact tier: quantized matrices packed (the token
     embedding as stored, unless lm_head shares it), everything else in bfloat16 (see gguf_model.compact_resident)."""
@@ -219,7 +229,8 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
          dtype: torch.dtype | str = "auto", expert_cache: str = DEFAULT_EXPERT_CACHE,
          predictors: "str | Sequence[str | Predictor] | None" = None, profiles: str | Path | None = None,
          speculator: "str | Path | Speculator | bool | None" = None, progress: bool = False,
-         quantize: str | None = None) -> PreTrainedModel:
+         quantize: str | None = None, store: "str | Path | Store | None" = None, disk: str | int | None = None,
+         offline: bool | None = None) -> PreTrainedModel:
     """A transformers causal LM for `model_ref` with paged experts; `model.pager` is its SliceCache.
 
     max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
@@ -231,8 +242,16 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     folder's `speculator.safetensors` when there is one, a path to such a file, or False for the plain routers;
     `model.speculator` is the one in use. progress: a bar on stderr while a GGUF's resident tensors load.
     quantize: "int4" or "int8" holds a float checkpoint's experts in the compact tier (round to nearest per group
-    of 32, or per row), computing in bfloat16; resident weights stay as loaded."""
-    layout = read_layout(model_ref)
+    of 32, or per row), computing in bfloat16; resident weights stay as loaded.
+    A remote `model_ref` (hf://org/name, https://.../model.gguf, a folder URL) runs from its local store (`store`: a
+    folder or an open Store; default under the HF cache) under a disk budget `disk`; `offline` (default: the Hub's
+    offline mode) uses only what the store holds; `model.store` is the Store, or None for a local checkpoint."""
+    if isinstance(store, Store):
+        layout, remote = store.layout, store
+    else:
+        layout, remote = resolve_layout(str(model_ref), store, parse_size(disk) if disk is not None else None, offline)
+    if remote is not None:
+        remote.fetch_resident(progress)
     tier = resolve_tier(layout, expert_cache, quantize)
     dtype = compute_dtype(layout, dtype, tier)
     decoder, served = expert_tier(layout, expert_cache, dtype, quantize)
@@ -261,7 +280,8 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
             plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, model.speculator.nbytes, tier)
     verify = checksum_verifier(layout.slices, layout.checksums) if layout.checksums else None
     pager = SliceCache(layout.slices, plan.cache_bytes, policy=policy, io=io, threads=threads,
-                       min_pinned=layout.experts_per_token, verify=verify, decode=decoder)
+                       min_pinned=layout.experts_per_token, verify=verify, decode=decoder,
+                       source=remote.hold if remote is not None else None)
     for module in model.modules():
         if isinstance(module, PagedExperts):
             module.cache = pager
@@ -273,6 +293,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
             if not prefetch:
                 module.chunk = pager.num_slots
     model.pager = pager
+    model.store = remote
     model.layout = layout
     model.memory_plan = plan
     model.prefetcher = Prefetcher(model, chosen) if chosen else None
