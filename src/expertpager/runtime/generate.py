@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from ..model.plan import PREFILL_CHUNK
+
 
 @dataclass
 class Generation:
@@ -55,8 +57,10 @@ def generate(model: PreTrainedModel, prompt: list[int], max_new_tokens: int, tem
     result = Generation(prompt_tokens=len(prompt))
     cache = DynamicCache(config=model.config)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    ids = torch.tensor([prompt])
     start = time.perf_counter()
+    for i in range(0, len(prompt) - PREFILL_CHUNK, PREFILL_CHUNK):  # a long prompt in chunks: bounded activations
+        model(input_ids=torch.tensor([prompt[i:i + PREFILL_CHUNK]]), use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+    ids = torch.tensor([prompt[(len(prompt) - 1) // PREFILL_CHUNK * PREFILL_CHUNK:]])
     for step in range(max_new_tokens):
         # only the last position's logits: a long prompt's full [T, vocab] logits would take more memory than the cache
         logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits[0, -1].float()

@@ -14,7 +14,7 @@ from transformers.utils import logging as hf_logging
 from ..errors import ExpertPagerError
 from ..model.gguf_config import gguf_arch
 from ..model.layout import ExpertSlice, Layout, SliceKey
-from ..model.plan import MemoryPlan, plan_cache, plan_memory, resident_in_memory
+from ..model.plan import COMPACT_RUNTIME_OVERHEAD, RUNTIME_OVERHEAD, MemoryPlan, plan_cache, plan_memory, resident_in_memory
 from ..remote import Store, resolve_layout
 from ..pager import Decoder, SliceCache, checksum_verifier
 from ..pager.replay import slot_needs
@@ -161,7 +161,8 @@ def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int |
         itemsize = dtype.itemsize if dtype is not None and layout.weights_format == "gguf" else None
         compact_resident = tier == "compact" and layout.weights_format == "gguf"
         resident = resident_held(layout) if compact_resident else resident_in_memory(layout, itemsize)
-        plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging, resident=resident + extra_resident)
+        plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging, resident=resident + extra_resident,
+                           overhead=COMPACT_RUNTIME_OVERHEAD if compact_resident else RUNTIME_OVERHEAD)
     else:
         plan = plan_cache(layout, sum(needs) + staging, slot, staging=staging)
     return plan
