@@ -1,6 +1,7 @@
 """Build a Layout from a model reference, reading headers only."""
 
 import json
+import re
 from pathlib import Path
 
 from ..errors import ExpertPagerError
@@ -30,10 +31,23 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+def text_settings(config: dict) -> dict:
+    """The text model's settings: a multimodal wrapper's `text_config` over its own keys (dtype, token ids), else
+    the config itself."""
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        return config
+    outer = {k: v for k, v in config.items() if not k.endswith("_config") and k != "model_type"}
+    return {**outer, **text}
+
+
 def _safetensors_layout(model: ResolvedModel) -> Layout:
     config = read_config(model.path)
     model_type = config.get("model_type")
+    config = text_settings(config)
     tensors = [t for f in model.files for t in read_safetensors_header(str(f))[0]]
+    if model_type in ARCHITECTURES and ARCHITECTURES[model_type].ignore:
+        tensors = [t for t in tensors if not re.search(ARCHITECTURES[model_type].ignore, t.name)]
     if model_type not in ARCHITECTURES:
         if not any(match_expert(t.name) for t in tensors):
             raise ExpertPagerError(f"{model.path}: not a mixture-of-experts model ({model_type!r} has no expert tensors)")

@@ -134,7 +134,8 @@ def _mla_metadata(w: gguf.GGUFWriter, config) -> None:
 def _metadata(w: gguf.GGUFWriter, layout: Layout, arch: Arch, qtype: str) -> None:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(layout.path)  # attributes resolve aliases (num_experts -> num_local_experts)
+    config = AutoConfig.from_pretrained(layout.path).get_text_config()  # attributes resolve aliases (num_experts ->
+    # num_local_experts); a multimodal wrapper's text model
     prefix = arch.gguf_arch + "."
     w.add_name(Path(layout.path).name)
     w.add_file_type(FILE_TYPES[qtype])
