@@ -76,13 +76,16 @@ def released(tmp_path_factory):
     return release_layout(q35, root / "q35-released")
 
 
-def test_released_layout_reads_the_text_model_only(released):
+def test_released_layouts_read_the_text_model_only(released, tmp_path):
     layout = read_layout(released)
     assert layout.architecture == "qwen3_5_moe" and layout.moe_layers == [0, 1, 2, 3]
     assert not [t.name for t in layout.resident if "visual" in t.name or "mtp" in t.name]
     assert {p.role for s in layout.slices.values() for p in s.parts} == {"gate_up", "down"}
     assert all(p.stacked for s in layout.slices.values() for p in s.parts)
     assert "other" not in layout.resident_by_category()  # A_log, dt_bias, conv1d count as attention
+    q3n = read_layout(release_layout(save_tiny("qwen3_next", tmp_path / "q3n"), tmp_path / "q3n-released", fused=False))
+    assert q3n.moe_layers == [0, 1, 2] and len(q3n.slices) == 3 * 8  # the MTP layer's experts are not layer 0's
+    assert not [t.name for t in q3n.resident if "mtp" in t.name]
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_next"])
