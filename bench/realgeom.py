@@ -150,11 +150,12 @@ def llama_tool(llama_dir: Path, name: str) -> Path:
     return path
 
 
-def convert(checkpoint: Path, out: Path, llama_dir: Path, outtype: str = "bf16") -> Path:
-    """Run llama.cpp's convert_hf_to_gguf.py (through CONVERT_SHIM) on `checkpoint`, writing `out`."""
+def convert(checkpoint: Path, out: Path, llama_dir: Path, outtype: str = "bf16", extra: tuple[str, ...] = ()) -> Path:
+    """Run llama.cpp's convert_hf_to_gguf.py (through CONVERT_SHIM) on `checkpoint`, writing `out`; `extra`: more
+    converter flags."""
     tmp = out.with_name(out.name + ".tmp")
     cmd = [sys.executable, "-c", CONVERT_SHIM, str(llama_dir), PRE_TOKENIZER, str(checkpoint),
-           "--outtype", outtype, "--outfile", str(tmp)]
+           "--outtype", outtype, "--outfile", str(tmp), *extra]
     subprocess.run(cmd, check=True)
     tmp.rename(out)
     return out

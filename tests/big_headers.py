@@ -36,17 +36,8 @@ def write_sparse_safetensors(folder: Path) -> Path:
     """A bf16 Qwen3-30B-A3B-shaped checkpoint: real header, data region left as a hole (about 61 GB, sparse)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(QWEN3_30B))
-    header, pos = {}, 0
-    for name, shape in qwen3_30b_tensors():
-        n = int(np.prod(shape)) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [pos, pos + n]}
-        pos += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
     path = folder / "model.safetensors"
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + pos)
+    _write_sparse(path, qwen3_30b_tensors())
     return path
 
 
@@ -93,3 +84,61 @@ def write_sparse_gguf(path: Path) -> Path:
         start = fh.tell()
         fh.truncate(start + (-start % 32) + total)
     return path
+
+
+REAL_CONFIGS = Path(__file__).parent / "data" / "configs"
+
+
+def real_tensors(config_file: Path, fused: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensors of the released checkpoint whose config.json is `config_file`, from transformers' model built on
+    the meta device (no memory): names as released (a multimodal wrapper's under `model.language_model.`), experts
+    fused per layer or one 2D tensor per expert, plus an MTP layer with its own experts and, for a wrapper, a
+    vision tensor (neither is part of the text model)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**json.loads(config_file.read_text())).get_text_config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    wrapped = config.model_type != json.loads(config_file.read_text())["model_type"]
+    out = []
+    for name, p in model.named_parameters():
+        shape = tuple(p.shape)
+        if not fused and name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            base = name.rpartition(".")[0]
+            roles = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
+            rows = shape[1] // len(roles)
+            out += [(f"{base}.{e}.{role}.weight", (rows, shape[2])) for e in range(shape[0]) for role in roles]
+            continue
+        if wrapped and name.startswith("model."):
+            name = name.replace("model.", "model.language_model.", 1)
+        out.append((name, shape))
+    h, f = config.hidden_size, config.moe_intermediate_size
+    out += [(f"mtp.layers.0.mlp.experts.{e}.{role}.weight", (h, f) if role == "down_proj" else (f, h))
+            for e in range(config.num_experts) for role in ("gate_proj", "up_proj", "down_proj")]
+    out.append(("mtp.fc.weight", (h, 2 * h)))
+    if wrapped:
+        out.append(("model.visual.patch_embed.proj.weight", (1152, 3, 2, 16, 16)))
+    return out
+
+
+def write_sparse_real(folder: Path, config_file: Path, fused: bool) -> Path:
+    """A bf16 checkpoint of a released model's real geometry (`real_tensors`): its config.json, a real header,
+    the data region a hole. Returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(config_file.read_text())
+    _write_sparse(folder / "model.safetensors", real_tensors(config_file, fused))
+    return folder
+
+
+def _write_sparse(path: Path, tensors: list[tuple[str, tuple[int, ...]]]) -> None:
+    header, pos = {}, 0
+    for name, shape in tensors:
+        n = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + pos)

@@ -34,8 +34,12 @@ def shapes(draw):
                     topk_group=1, num_key_value_heads=2, first_k_dense_replace=draw(st.integers(0, 1)))
     else:
         over.update(moe_intermediate_size=inner, num_experts=experts, num_experts_per_tok=top_k)
+    if arch in ("qwen2_moe", "qwen3_5_moe", "qwen3_next"):
+        over.update(shared_expert_intermediate_size=draw(width))
     if arch == "qwen2_moe":
-        over.update(shared_expert_intermediate_size=draw(width), mlp_only_layers=[])
+        over.update(mlp_only_layers=[])
+    if arch in ("qwen3_5_moe", "qwen3_next"):  # a Gated DeltaNet layer, then full attention
+        over.update(layer_types=["linear_attention", "full_attention"])
     if arch == "gpt_oss":
         over.update(layer_types=["sliding_attention", "full_attention"])
     return arch, dtype, over, draw(st.integers(1, 40)), draw(st.floats(0, 1)), draw(st.integers(0, 2**16))

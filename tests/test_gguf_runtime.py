@@ -12,7 +12,7 @@ from expertpager.runtime.load import load
 from expertpager.tools.export_gguf import export_gguf
 from test_paged_inference import PROMPT, assert_same, logits_trace, min_cache
 from tiny_gguf import write_tiny_gguf
-from tiny_models import save_tiny
+from tiny_models import release_layout, save_tiny
 
 STEPS = 8
 Q8_0_TOLERANCE = 0.05  # max |logit difference| of a Q8_0 export; logits of these tiny models are of order 1
@@ -32,6 +32,9 @@ def tiny(tmp_path_factory):
         "deepseek_v3": save_tiny("deepseek_v3", root / "deepseek_v3"),
         "qwen3_moe-f16": save_tiny("qwen3_moe", root / "qwen3_moe-f16", dtype=torch.float16),
         "qwen3_moe-bf16": save_tiny("qwen3_moe", root / "qwen3_moe-bf16", dtype=torch.bfloat16),
+        "qwen3_next": save_tiny("qwen3_next", root / "qwen3_next"),
+        "qwen3_5_moe-released-bf16": release_layout(save_tiny("qwen3_5_moe", root / "q35", dtype=torch.bfloat16),
+                                                    root / "qwen3_5_moe-released-bf16"),
     }
 
 
@@ -48,7 +51,8 @@ def reference(folder, steps: int = STEPS):
 @pytest.mark.parametrize("name,out_type", [("qwen3_moe", "f32"), ("mixtral", "f32"), ("olmoe", "f32"),
                                            ("qwen2_moe", "f32"), ("gpt_oss", "f32"), ("deepseek_v2", "f32"),
                                            ("deepseek_v3", "f32"), ("qwen3_moe-f16", "f16"),
-                                           ("qwen3_moe-bf16", "bf16")])
+                                           ("qwen3_moe-bf16", "bf16"), ("qwen3_next", "f32"),
+                                           ("qwen3_5_moe-released-bf16", "bf16")])
 def test_export_round_trip_is_exact(tiny, tmp_path, name, out_type):
     path = export_gguf(tiny[name], tmp_path / f"{name}.gguf", out_type, progress=False)
     expected = reference(tiny[name])
@@ -69,6 +73,20 @@ def test_q8_0_within_tolerance_and_q4_0_runs(tiny, tmp_path):
     assert (got - expected).abs().max() < Q8_0_TOLERANCE
     q4 = export_gguf(tiny["qwen3_moe"], tmp_path / "q4.gguf", "q4_0", progress=False)
     assert torch.isfinite(logits_trace(load(q4), PROMPT, 0)[0]).all()
+
+
+def test_hybrid_q8_0_in_the_compact_tier(tiny, tmp_path):
+    """Qwen3.5's reordered linear-attention projections stay out of the compact resident modules (loaded
+    dequantized, their rows put back); the rest runs compact, paged equal to resident."""
+    q8 = export_gguf(tiny["qwen3_5_moe-released-bf16"], tmp_path / "q8.gguf", "q8_0", progress=False)
+    everything = load(q8)
+    assert {type(m).__name__ for m in everything.modules()} >= {"CompactLinear", "Linear"}
+    got = logits_trace(everything, PROMPT, 2)
+    # against the same file computed in float32 from its dequantized weights: bfloat16 compute moves these logits
+    # (of order 4) by about 0.1; projections loaded compact with their value heads still tiled move them by 3.9
+    float32 = logits_trace(load(q8, expert_cache="dequantized"), PROMPT, 0)[0]
+    assert (got[0].float() - float32).abs().max() < 0.3
+    assert_same(got, logits_trace(load(q8, cache=min_cache(q8, "compact")), PROMPT, 2), "qwen35moe q8_0, smallest")
 
 
 def test_quantized_slices_paged_equal_all_resident(tmp_path):

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from expertpager.errors import ExpertPagerError
 from expertpager.runtime.generate import generate
 from expertpager.runtime.load import load, min_cache_bytes
-from tiny_models import CONFIGS, save_tiny
+from tiny_models import CONFIGS, release_layout, save_tiny
 
 STEPS = 20
 
@@ -18,6 +18,8 @@ def folders(tmp_path_factory):
     out = {mt: save_tiny(mt, root / mt) for mt in CONFIGS}
     out["qwen3_moe-bf16"] = save_tiny("qwen3_moe", root / "qwen3_moe-bf16", dtype=torch.bfloat16)
     out["gpt_oss-bf16"] = save_tiny("gpt_oss", root / "gpt_oss-bf16", dtype=torch.bfloat16)
+    bf16 = save_tiny("qwen3_5_moe", root / "qwen3_5_moe-bf16", dtype=torch.bfloat16)
+    out["qwen3_5_moe-released-bf16"] = release_layout(bf16, root / "qwen3_5_moe-released-bf16")
     return out
 
 
@@ -49,7 +51,7 @@ def assert_same(reference: list[torch.Tensor], paged: list[torch.Tensor], what: 
 PROMPT = [5, 17, 33, 2 + 40, 8, 61, 9, 12, 77, 3, 50, 21]
 
 
-@pytest.mark.parametrize("arch", sorted(CONFIGS) + ["qwen3_moe-bf16", "gpt_oss-bf16"])
+@pytest.mark.parametrize("arch", sorted(CONFIGS) + ["qwen3_moe-bf16", "gpt_oss-bf16", "qwen3_5_moe-released-bf16"])
 def test_paged_logits_equal_resident(folders, arch):
     folder = folders[arch]
     reference = logits_trace(AutoModelForCausalLM.from_pretrained(folder), PROMPT)
@@ -67,7 +69,7 @@ def test_paged_logits_equal_resident(folders, arch):
         model.pager.close()
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss", "mixtral", "qwen3_next"])
 def test_batch_with_padding_and_hf_generate(folders, arch):
     folder = folders[arch]
     reference = AutoModelForCausalLM.from_pretrained(folder)

@@ -54,6 +54,11 @@ def _print_inspect(info: dict) -> None:
     rows = [
         ("architecture", f"{info['architecture']} ({info['format']}, {info['files']} file(s))"),
         ("layers", f"{info['num_layers']} ({info['num_moe_layers']} MoE, dense: {info['dense_layers'] or 'none'})"),
+    ]
+    if info["linear_attention_layers"]:
+        rows.append(("  linear attention", f"{len(info['linear_attention_layers'])} layers, fixed state "
+                                           f"{format_size(info['linear_state_bytes'])} (no KV cache)"))
+    rows += [
         ("experts per layer / per token", f"{info['num_experts']} / {info['experts_per_token']}"),
         ("expert slices", f"{info['num_slices']}, largest {format_size(info['slice_bytes'])}"),
     ]

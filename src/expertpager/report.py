@@ -3,6 +3,7 @@
 from collections import Counter
 
 from .model.layout import Layout
+from .model.plan import linear_attention_layers, linear_state_bytes
 
 
 def describe(layout: Layout, max_memory: int | None = None) -> dict:
@@ -20,6 +21,8 @@ def describe(layout: Layout, max_memory: int | None = None) -> dict:
         "num_layers": layout.num_layers,
         "num_moe_layers": len(layout.moe_layers),
         "dense_layers": [i for i in range(layout.num_layers) if i not in set(layout.moe_layers)],
+        "linear_attention_layers": linear_attention_layers(layout),
+        "linear_state_bytes": linear_state_bytes(layout),
         "num_experts": layout.num_experts,
         "experts_per_token": layout.experts_per_token,
         "num_slices": len(layout.slices),

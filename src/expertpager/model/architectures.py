@@ -23,6 +23,16 @@ class Arch:
     gguf_match: dict = field(default_factory=dict)  # GGUF metadata (key after "<arch>.") that picks this entry
     # among those sharing a gguf_arch; an entry without it is the fallback
     mla: bool = False  # deepseek's multi-head latent attention: llama.cpp's MQA-style key/value lengths
+    text_model_type: str = ""  # a multimodal wrapper (its config holds the text model's in `text_config`): the
+    # text model's model_type, which transformers builds for a causal LM
+    hybrid: str = ""  # Gated DeltaNet (linear attention) layers between full-attention ones, as llama.cpp stores
+    # them (runtime/hybrid_gguf.py): "qkvz" (Qwen3-Next's fused in_proj_qkvz), "tiled_v" (Qwen3.5's value heads)
+    ignore: str = ""  # regex of tensors in the checkpoint that are not part of the text model (vision tower, MTP)
+
+    @property
+    def config_type(self) -> str:
+        """The model_type transformers builds the causal LM from."""
+        return self.text_model_type or self.model_type
 
 
 DEEPSEEK2_CONFIG = {
@@ -33,34 +43,48 @@ DEEPSEEK2_CONFIG = {
     "attention.kv_lora_rank": "kv_lora_rank", "rope.dimension_count": "qk_rope_head_dim",
     "attention.value_length_mla": "v_head_dim",
 }
-ARCHITECTURES: dict[str, Arch] = {
-    a.model_type: a
-    for a in (
-        Arch("qwen3_moe", "qwen3moe", gguf_config={"expert_count": "num_experts",
-                                                   "expert_feed_forward_length": "moe_intermediate_size",
-                                                   "expert_weights_norm": "norm_topk_prob"},
-             gguf_defaults={"norm_topk_prob": True}),
-        Arch("qwen2_moe", "qwen2moe", shared_experts=True,
-             gguf_config={"expert_count": "num_experts", "expert_feed_forward_length": "moe_intermediate_size",
-                          "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
-        Arch("mixtral", "llama", gguf_config={"expert_count": "num_local_experts"}, permute_qk=True),
-        Arch("olmoe", "olmoe", gguf_config={"expert_count": "num_experts"}),
-        Arch("deepseek_v2", "deepseek2", shared_experts=True, mla=True, gguf_config=DEEPSEEK2_CONFIG,
-             gguf_defaults={"q_lora_rank": None}),
-        Arch("deepseek_v3", "deepseek2", shared_experts=True, mla=True, gguf_config=DEEPSEEK2_CONFIG,
-             gguf_defaults={"q_lora_rank": None}, gguf_match={"expert_gating_func": 2}),  # sigmoid gating
-        Arch("gpt_oss", "gpt-oss", expert_bias=True, fused_transposed=True,
-             gguf_config={"expert_count": "num_local_experts", "expert_feed_forward_length": "intermediate_size",
-                          "attention.sliding_window": "sliding_window"},
-             gguf_defaults={"rope_parameters": {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}}),
-        Arch("granitemoe", "granitemoe"),
-    )
+HYBRID_CONFIG = {
+    "expert_count": "num_experts", "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size", "ssm.conv_kernel": "linear_conv_kernel_dim",
+    "ssm.state_size": "linear_key_head_dim", "ssm.group_count": "linear_num_key_heads",
+    "ssm.time_step_rank": "linear_num_value_heads",
 }
-GGUF_ARCHITECTURES = {"qwen3moe", "qwen2moe", "llama", "olmoe", "deepseek2", "gpt-oss", "granitemoe"}
+"""GGUF keys of the hybrid archs; linear_value_head_dim, layer_types and the partial rotary factor are derived
+(gguf_config.hybrid_config)."""
+_ARCHES = (
+    Arch("qwen3_moe", "qwen3moe", gguf_config={"expert_count": "num_experts",
+                                               "expert_feed_forward_length": "moe_intermediate_size",
+                                               "expert_weights_norm": "norm_topk_prob"},
+         gguf_defaults={"norm_topk_prob": True}),
+    Arch("qwen2_moe", "qwen2moe", shared_experts=True,
+         gguf_config={"expert_count": "num_experts", "expert_feed_forward_length": "moe_intermediate_size",
+                      "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
+    Arch("mixtral", "llama", gguf_config={"expert_count": "num_local_experts"}, permute_qk=True),
+    Arch("olmoe", "olmoe", gguf_config={"expert_count": "num_experts"}),
+    Arch("deepseek_v2", "deepseek2", shared_experts=True, mla=True, gguf_config=DEEPSEEK2_CONFIG,
+         gguf_defaults={"q_lora_rank": None}),
+    Arch("deepseek_v3", "deepseek2", shared_experts=True, mla=True, gguf_config=DEEPSEEK2_CONFIG,
+         gguf_defaults={"q_lora_rank": None}, gguf_match={"expert_gating_func": 2}),  # sigmoid gating
+    Arch("gpt_oss", "gpt-oss", expert_bias=True, fused_transposed=True,
+         gguf_config={"expert_count": "num_local_experts", "expert_feed_forward_length": "intermediate_size",
+                      "attention.sliding_window": "sliding_window"},
+         gguf_defaults={"rope_parameters": {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}}),
+    Arch("granitemoe", "granitemoe"),
+    Arch("qwen3_5_moe", "qwen35moe", shared_experts=True, text_model_type="qwen3_5_moe_text", hybrid="tiled_v",
+         gguf_config=HYBRID_CONFIG, ignore=r"^(model\.)?(mtp|visual)\."),
+    Arch("qwen3_next", "qwen3next", shared_experts=True, hybrid="qkvz", gguf_config=HYBRID_CONFIG,
+         gguf_defaults={"norm_topk_prob": True}, ignore=r"^(model\.)?mtp\."),
+)
+ARCHITECTURES: dict[str, Arch] = {
+    **{a.model_type: a for a in _ARCHES},
+    **{a.text_model_type: a for a in _ARCHES if a.text_model_type},  # a text model saved on its own
+}
+GGUF_ARCHITECTURES = {"qwen3moe", "qwen2moe", "llama", "olmoe", "deepseek2", "gpt-oss", "granitemoe", "qwen35moe",
+                      "qwen3next"}
 GGUF_RUNNABLE: dict[str, list[Arch]] = {}
 """GGUF architectures the runtime can build a transformers model for (llama means Mixtral: llama with experts),
 each with its entries, those with a `gguf_match` first."""
-for _a in sorted(ARCHITECTURES.values(), key=lambda a: not a.gguf_match):
+for _a in sorted(_ARCHES, key=lambda a: not a.gguf_match):
     if _a.gguf_config:
         GGUF_RUNNABLE.setdefault(_a.gguf_arch, []).append(_a)
 
@@ -115,7 +139,7 @@ RESIDENT_CATEGORIES = (
     (re.compile(r"shared_expert|shexp"), "shared_expert"),
     (re.compile(r"\.mlp\.gate\.|\.gate\.weight$|router|ffn_gate_inp|e_score_correction|exp_probs_b"), "router"),
     (re.compile(r"norm"), "norm"),
-    (re.compile(r"self_attn|attn_|\.attention\.|sinks"), "attention"),
+    (re.compile(r"self_attn|attn_|\.attention\.|sinks|linear_attn|ssm_"), "attention"),
     (re.compile(r"\.mlp\.(gate|up|down)_proj|ffn_(gate|up|down)\.|\.mlp\.|\.ffn_"), "dense_mlp"),
 )
 

@@ -3,6 +3,7 @@
 from ..errors import ExpertPagerError
 from .architectures import GGUF_CONFIG_KEYS, GGUF_ROPE_KEYS, GGUF_RUNNABLE, GGUF_TOKEN_KEYS, Arch
 from .layout import Layout
+from .plan import linear_attention_layers
 
 
 def gguf_arch(layout: Layout) -> Arch:
@@ -38,11 +39,31 @@ def _mla_config(layout: Layout, config: dict) -> None:
         config["topk_method"] = "group_limited_greedy"
 
 
+def _hybrid_config(layout: Layout, arch: Arch, config: dict) -> None:
+    """The linear-attention settings llama.cpp stores in other terms: value head width from ssm.inner_size, the
+    layer pattern from attention.recurrent_layers or full_attention_interval, the rotary fraction from
+    rope.dimension_count, and Qwen3.5's interleaved mrope sections from rope.dimension_sections."""
+    meta, prefix = layout.config, layout.architecture + "."
+    inner, heads = meta.get(prefix + "ssm.inner_size"), config.get("linear_num_value_heads")
+    rope_dims, head_dim = meta.get(prefix + "rope.dimension_count"), config.get("head_dim")
+    if not inner or not heads or not rope_dims or not head_dim:
+        raise ExpertPagerError(f"{layout.path}: {layout.architecture} GGUF metadata lacks ssm.inner_size, "
+                               "ssm.time_step_rank, rope.dimension_count or attention.key_length")
+    config["linear_value_head_dim"] = inner // heads
+    linear = set(linear_attention_layers(layout))
+    config["layer_types"] = ["linear_attention" if i in linear else "full_attention" for i in range(layout.num_layers)]
+    rope = config.setdefault("rope_parameters", {"rope_type": "default"})
+    rope["partial_rotary_factor"] = rope_dims / head_dim
+    sections = meta.get(prefix + "rope.dimension_sections")
+    if arch.hybrid == "tiled_v" and sections:
+        rope.update(mrope_section=list(sections[:3]), mrope_interleaved=True)
+
+
 def hf_config_dict(layout: Layout) -> dict:
     """Keyword arguments for `AutoConfig.for_model` (model_type included) that describe this GGUF's model."""
     arch = gguf_arch(layout)
     meta, prefix = layout.config, layout.architecture + "."
-    config: dict = {"model_type": arch.model_type, **arch.gguf_defaults}
+    config: dict = {"model_type": arch.config_type, **arch.gguf_defaults}
     for key, name in {**GGUF_CONFIG_KEYS, **arch.gguf_config}.items():
         if prefix + key in meta:
             config[name] = meta[prefix + key]
@@ -55,6 +76,7 @@ def hf_config_dict(layout: Layout) -> dict:
             rope[name] = meta[prefix + key]
     if "rope_theta" in rope:
         config["rope_parameters"] = {**rope, "rope_theta": float(rope["rope_theta"])}
+    config["num_hidden_layers"] = layout.num_layers  # without llama.cpp's multi-token-prediction blocks
     names = {t.name: t for t in layout.resident}
     if "token_embd.weight" not in names:
         raise ExpertPagerError(f"{layout.path}: no token_embd.weight tensor")
@@ -68,4 +90,6 @@ def hf_config_dict(layout: Layout) -> dict:
             raise ExpertPagerError(f"{layout.path}: GGUF metadata lacks the key that gives {needed}")
     if arch.mla:
         _mla_config(layout, config)
+    if arch.hybrid:
+        _hybrid_config(layout, arch, config)
     return config

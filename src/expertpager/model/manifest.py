@@ -48,9 +48,9 @@ def read_manifest(folder: Path) -> Layout:
     if source == "gguf":
         tensors, config = read_gguf_header(str(resident_file))
     else:
-        from .read_layout import read_config
+        from .read_layout import read_config, text_settings
 
-        tensors, config = read_safetensors_header(str(resident_file))[0], read_config(folder)
+        tensors, config = read_safetensors_header(str(resident_file))[0], text_settings(read_config(folder))
     resident = [ResidentTensor(t.name, t.file, t.offset, t.length, t.dtype, t.shape, resident_category(t.name)) for t in tensors]
     missing = [k for k in ((layer, e) for layer in moe_layers for e in range(num_experts)) if k not in slices]
     if missing:

@@ -47,7 +47,7 @@ class MemoryPlan:
 
 
 def _geometry(layout: Layout) -> tuple[int, int, int]:
-    """(hidden size, KV heads x head dim, attention layers) from an HF config or GGUF metadata."""
+    """(hidden size, KV heads x head dim, layers with a KV cache) from an HF config or GGUF metadata."""
     c, a = layout.config, layout.architecture
     hidden = c.get("hidden_size") or c.get(f"{a}.embedding_length") or 0
     heads = c.get("num_attention_heads") or c.get(f"{a}.attention.head_count") or 1
@@ -55,15 +55,47 @@ def _geometry(layout: Layout) -> tuple[int, int, int]:
     head_dim = c.get("head_dim") or c.get(f"{a}.attention.key_length") or (hidden // heads if heads else 0)
     if isinstance(kv_heads, list):  # GGUF may store per-layer head counts
         kv_heads = max(kv_heads)
-    return int(hidden), int(kv_heads) * int(head_dim), layout.num_layers
+    return int(hidden), int(kv_heads) * int(head_dim), layout.num_layers - len(linear_attention_layers(layout))
+
+
+def _linear(layout: Layout, hf_key: str, gguf_key: str) -> int:
+    value = layout.config.get(hf_key) or layout.config.get(f"{layout.architecture}.{gguf_key}")
+    return int(value or 0)
+
+
+def linear_attention_layers(layout: Layout) -> list[int]:
+    """The Gated DeltaNet (linear attention) layers: from the HF config's layer_types (or, without it, every layer
+    but each full_attention_interval-th), or the GGUF's attention.recurrent_layers / full_attention_interval."""
+    c, a = layout.config, layout.architecture
+    if isinstance(c.get("layer_types"), list):
+        return [i for i, t in enumerate(c["layer_types"]) if t == "linear_attention"]
+    if isinstance(c.get(f"{a}.attention.recurrent_layers"), list):
+        return [i for i, r in enumerate(c[f"{a}.attention.recurrent_layers"]) if r]
+    interval = c.get("full_attention_interval") or c.get(f"{a}.full_attention_interval")
+    if interval is None and "linear_num_value_heads" in c:
+        interval = 4  # transformers' default
+    return [i for i in range(layout.num_layers) if (i + 1) % interval] if interval else []
+
+
+def linear_state_bytes(layout: Layout) -> int:
+    """The fixed-size state of all linear-attention layers (it does not grow with the context): a float32
+    recurrent state of value heads x key dim x value dim, and the convolution's window over q, k and v."""
+    heads = _linear(layout, "linear_num_value_heads", "ssm.time_step_rank")
+    key_dim = _linear(layout, "linear_key_head_dim", "ssm.state_size")
+    key_heads = _linear(layout, "linear_num_key_heads", "ssm.group_count")
+    kernel = _linear(layout, "linear_conv_kernel_dim", "ssm.conv_kernel")
+    value_width = _linear(layout, "", "ssm.inner_size") or heads * _linear(layout, "linear_value_head_dim", "")
+    per_layer = value_width * key_dim + (2 * key_heads * key_dim + value_width) * kernel
+    return len(linear_attention_layers(layout)) * per_layer * 4
 
 
 def reserve_bytes(layout: Layout, context_tokens: int = DEFAULT_CONTEXT, overhead: int = RUNTIME_OVERHEAD) -> int:
-    """Runtime `overhead` + bf16 KV cache for `context_tokens` + activations of one prefill chunk."""
+    """Runtime `overhead` + bf16 KV cache for `context_tokens` (full-attention layers) + linear-attention state +
+    activations of one prefill chunk."""
     hidden, kv_width, layers = _geometry(layout)
     kv = 2 * layers * kv_width * context_tokens * 2
     activations = ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN * hidden * min(context_tokens, PREFILL_CHUNK)
-    return overhead + kv + activations
+    return overhead + kv + linear_state_bytes(layout) + activations
 
 
 def resident_in_memory(layout: Layout, itemsize: int | None) -> int:

@@ -1,6 +1,7 @@
 """Build a Layout from a model reference, reading headers only."""
 
 import json
+import re
 from pathlib import Path
 
 from ..errors import ExpertPagerError
@@ -30,15 +31,30 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+def text_settings(config: dict) -> dict:
+    """The text model's settings: a multimodal wrapper's `text_config` over its own keys (dtype, token ids), else
+    the config itself."""
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        return config
+    outer = {k: v for k, v in config.items() if not k.endswith("_config") and k != "model_type"}
+    return {**outer, **text}
+
+
 def _safetensors_layout(model: ResolvedModel) -> Layout:
     config = read_config(model.path)
     model_type = config.get("model_type")
+    config = text_settings(config)
     tensors = [t for f in model.files for t in read_safetensors_header(str(f))[0]]
     if model_type not in ARCHITECTURES:
         if not any(match_expert(t.name) for t in tensors):
             raise ExpertPagerError(f"{model.path}: not a mixture-of-experts model ({model_type!r} has no expert tensors)")
         raise ExpertPagerError(f"{model.path / 'config.json'}: unknown architecture {model_type!r}; "
                                f"supported: {', '.join(sorted(ARCHITECTURES))}")
+    arch = ARCHITECTURES[model_type]
+    model_type = arch.model_type  # a wrapper's text model saved on its own is named as the wrapper
+    if arch.ignore:
+        tensors = [t for t in tensors if not re.search(arch.ignore, t.name)]
     num_experts = _config_int(config, NUM_EXPERTS_KEYS, model.path)
     top_k = _config_int(config, TOP_K_KEYS, model.path)
     return _assemble("safetensors", model_type, model, tensors, config, config.get("num_hidden_layers", 0), num_experts, top_k)
@@ -57,7 +73,10 @@ def _gguf_layout(model: ResolvedModel) -> Layout:
     get = lambda key: metadata.get(f"{arch}.{key}")  # noqa: E731
     if not get("expert_count"):
         raise ExpertPagerError(f"{model.path}: not a mixture-of-experts model ({arch}.expert_count missing or 0)")
-    return _assemble("gguf", arch, model, tensors, metadata, get("block_count") or 0, int(get("expert_count")),
+    layers = (get("block_count") or 0) - (get("nextn_predict_layers") or 0)
+    if get("nextn_predict_layers"):  # llama.cpp appends multi-token-prediction blocks: not part of the model
+        tensors = [t for t in tensors if not (m := re.match(r"blk\.(\d+)\.", t.name)) or int(m.group(1)) < layers]
+    return _assemble("gguf", arch, model, tensors, metadata, layers, int(get("expert_count")),
                      int(get("expert_used_count") or 0))
 
 

@@ -105,11 +105,14 @@ def read_gguf_header(path: str) -> tuple[list[TensorInfo], dict]:
 
 
 def _field_value(field):
-    """A GGUF metadata field as a Python scalar or string; arrays (tokenizer vocab etc.) are summarised by length."""
+    """A GGUF metadata field as a Python scalar or string; short numeric arrays (per-layer values) as lists, other
+    arrays (tokenizer vocab etc.) summarised by length."""
     import gguf
 
     kind = field.types[0] if field.types else None
     if kind == gguf.GGUFValueType.ARRAY:
+        if field.types[-1] != gguf.GGUFValueType.STRING and len(field.data) <= 4096:
+            return field.contents()
         return {"array_length": len(field.data)}
     if kind == gguf.GGUFValueType.STRING:
         return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")

@@ -303,6 +303,7 @@ class SliceCache:
         deadline = time.monotonic() + self._wait_timeout
         while True:
             missing = [k for k in keys if k not in self._ready and k not in self._loading]
+            missing.sort(key=lambda k: -self._book.needs[k])  # largest first: a small one must not take its slot
             placed = []
             for key in missing:
                 slot = self._place(key, lambda k: k not in wanted)

@@ -20,6 +20,7 @@ from ..model.layout import Layout, ResidentTensor
 from .compact import is_compact
 from .compact_modules import BlockEmbedding, CompactLinear
 from .dequant import dequantize, quant_nbytes
+from .hybrid_gguf import Heads, from_gguf
 from .malloc import returning_freed_memory
 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
@@ -112,10 +113,13 @@ def compact_resident(model: PreTrainedModel, layout: Layout, names: gguf.TensorN
     (CompactLinear, BlockEmbedding), one tensor read at a time; returns the GGUF tensors used. A tied embedding
     (no output.weight) stays a plain one, as lm_head shares it."""
     arch, config = gguf_arch(layout), model.config
+    heads = Heads.of(config.to_dict()) if arch.hybrid else None
     used = set()
     for module_name, module in list(model.named_modules()):
         name = gguf_name(names, module_name + ".weight") if isinstance(module, (nn.Linear, nn.Embedding)) else None
         t = tensors.get(name or "")
+        if heads is not None and from_gguf(arch, heads, names, module_name + ".weight") is not None:
+            continue  # stored transformed (reordered rows or columns): loaded dequantized
         if t is None or t.dtype in FLOAT_TYPES or len(t.shape) != 2 or tuple(t.shape) != tuple(module.weight.shape):
             continue
         if isinstance(module, nn.Embedding):
@@ -156,6 +160,7 @@ def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: 
     model.tie_weights()  # a GGUF without output.weight shares token_embd with lm_head
     names = tensor_name_map(layout.architecture, layout.num_layers)
     tensors = {t.name: t for t in layout.resident}
+    heads = Heads.of(config.to_dict()) if arch.hybrid else None
     used = set()
     with torch.no_grad(), returning_freed_memory(), \
             progress_bar(f"loading {len(tensors)} resident tensors", len(tensors), progress) as advance:
@@ -167,7 +172,16 @@ def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: 
             name = gguf_name(names, hf_name)
             if name in used:
                 continue
-            if name in tensors:
+            special = from_gguf(arch, heads, names, hf_name) if heads is not None else None
+            if special is not None:
+                stored, inverse = special
+                missing = [n for n in stored if n not in tensors]
+                if missing:
+                    raise ExpertPagerError(f"{layout.path}: no GGUF tensor {missing[0]} for {hf_name}")
+                value = inverse([read_tensor(tensors[n]) for n in stored], param.dtype)
+                used.update(stored)
+                name = stored[0]
+            elif name in tensors:
                 value = read_tensor(tensors[name])
                 used.add(name)
             elif (value := read_kv_b(tensors, name or "")) is not None:

@@ -54,7 +54,7 @@ def paged_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
     return type(f"Paged{base.__name__}", (base,), {
         "__init__": __init__,
         "__module__": base.__module__,  # transformers reads the architecture's module to allow grouped_mm
-        "_keys_to_ignore_on_load_unexpected": EXPERT_KEYS,
+        "_keys_to_ignore_on_load_unexpected": EXPERT_KEYS + list(base._keys_to_ignore_on_load_unexpected or []),
     })
 
 
@@ -259,11 +259,11 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     offsets = {} if tier == "compact" else expert_offsets(layout, dtype)  # compact slices are served as stored
     plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, tier=tier)  # fails fast, before loading
     if layout.weights_format == "gguf":
-        config = AutoConfig.for_model(gguf_arch(layout).model_type)
+        config = AutoConfig.for_model(gguf_arch(layout).config_type)
         model = build_gguf_model(layout, paged_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]), dtype,
                                  compact=tier == "compact", progress=progress)
     else:
-        config = AutoConfig.from_pretrained(layout.path)
+        config = AutoConfig.from_pretrained(layout.path).get_text_config()  # a multimodal wrapper's text model
         base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         with no_transformers_bars():
             model = paged_class(base).from_pretrained(layout.path, config=config, dtype=dtype,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 
 from ..errors import ExpertPagerError
 from ..model.architectures import ARCHITECTURES, GGUF_CONFIG_KEYS, GGUF_TOKEN_KEYS, Arch
@@ -15,6 +16,7 @@ from ..model.layout import Layout
 from ..model.read_layout import read_layout
 from ..runtime.dequant import block_of
 from ..runtime.gguf_model import gguf_name, permute_qk, tensor_name_map
+from ..runtime.hybrid_gguf import Forward, Heads, to_gguf
 from ..progress import progress_bar
 from .tokenizer_gguf import add_tokenizer
 
@@ -22,7 +24,8 @@ EXPORT_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_
 FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
               "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
-KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")  # as convert_hf_to_gguf.py
+KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight",
+            "ssm_conv1d.weight")  # as convert_hf_to_gguf.py
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Source:
     part_shape: tuple[int, ...] | None = None  # each part's shape as read, when not shape[1:]
     columns: slice | None = None  # gpt-oss: the gate or up half (every other column) of an interleaved gate_up
     transpose: bool = False  # gpt-oss: the last two axes swapped, to llama.cpp's [out, in]
+    rows: slice | None = None  # fused [E, 2I, H] gate_up (Qwen3.5 as released): the gate or up half of the rows
+    transform: Forward | None = None  # a hybrid model's linear-attention or norm tensor as llama.cpp stores it
 
 
 def _read(file: str, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -57,11 +62,13 @@ def _values(src: Source) -> np.ndarray:
     data = np.stack(arrays) if len(arrays) > 1 else arrays[0]
     if src.columns is not None:
         data = data[..., src.columns]
+    if src.rows is not None:
+        data = data[..., src.rows, :]
+    if src.transform is not None:
+        data = src.transform(torch.from_numpy(np.ascontiguousarray(data))).numpy()
     if src.transpose:
         data = data.swapaxes(-1, -2)
     if src.permute_heads is not None:
-        import torch
-
         data = permute_qk(torch.from_numpy(np.ascontiguousarray(data)), *src.permute_heads).numpy()
     return data
 
@@ -88,8 +95,17 @@ def _sources(layout: Layout, arch: Arch) -> Iterator[Source]:
     names = tensor_name_map(arch.gguf_arch, layout.num_layers)
     heads = layout.config.get("num_attention_heads")
     kv_heads = layout.config.get("num_key_value_heads", heads)
+    linear = Heads.of(layout.config) if arch.hybrid else None
     for t in layout.resident:
-        name = gguf_name(names, t.name)
+        hf_name = t.name.replace("model.language_model.", "model.", 1)  # a multimodal wrapper's text model
+        forward = to_gguf(arch, linear, names, hf_name) if linear is not None else None
+        if forward is not None:
+            meta = torch.empty(t.shape, device="meta")
+            for name, fn in forward:
+                yield Source(name, tuple(fn(meta).shape), ((t.file, t.offset, t.dtype),), part_shape=t.shape,
+                             transform=fn)
+            continue
+        name = gguf_name(names, hf_name)
         if name is None:
             raise ExpertPagerError(f"{layout.path}: no GGUF name for tensor {t.name!r} of {arch.model_type}")
         permute = None
@@ -101,20 +117,27 @@ def _sources(layout: Layout, arch: Arch) -> Iterator[Source]:
         for p in first.parts:
             base = p.role.removesuffix("_bias")
             suffix = "bias" if base != p.role else "weight"
-            if base not in ("gate", "up", "down", "gate_up") or (base == "gate_up" and not arch.fused_transposed) \
-                    or (suffix == "bias" and not arch.expert_bias):
+            if base not in ("gate", "up", "down", "gate_up") or (suffix == "bias" and not arch.expert_bias):
                 raise ExpertPagerError(f"{layout.path}: cannot export expert tensors of role {p.role!r}")
             parts = tuple((q.file, q.offset, q.dtype) for e in range(layout.num_experts)
                           for q in [layout.slices[(layer, e)].part(p.role)])
-            # gpt-oss as llama.cpp writes it: gate_up de-interleaved into gate and up, weights as [out, in]
-            halves = [("gate", slice(0, None, 2)), ("up", slice(1, None, 2))] if base == "gate_up" else [(base, None)]
+            # gpt-oss as llama.cpp writes it: gate_up de-interleaved into gate and up, weights as [out, in];
+            # a fused [2I, H] gate_up (Qwen3.5) split into its gate and up rows
             transpose = arch.fused_transposed and suffix == "weight"
-            for role, columns in halves:
+            halves = [(base, None, None)]
+            if base == "gate_up" and arch.fused_transposed:
+                halves = [("gate", slice(0, None, 2), None), ("up", slice(1, None, 2), None)]
+            elif base == "gate_up":
+                half = p.shape[0] // 2
+                halves = [("gate", None, slice(0, half)), ("up", None, slice(half, None))]
+            for role, columns, rows in halves:
                 shape = [layout.num_experts, *p.shape]
                 shape[-1] //= 2 if columns else 1
+                shape[-2] //= 2 if rows else 1
                 if transpose:
                     shape[-2:] = shape[:-3:-1]
-                yield Source(f"blk.{layer}.ffn_{role}_exps.{suffix}", tuple(shape), parts, None, p.shape, columns, transpose)
+                yield Source(f"blk.{layer}.ffn_{role}_exps.{suffix}", tuple(shape), parts, None, p.shape, columns,
+                             transpose, rows)
 
 
 def _mla_metadata(w: gguf.GGUFWriter, config) -> None:
@@ -131,10 +154,24 @@ def _mla_metadata(w: gguf.GGUFWriter, config) -> None:
         w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
 
 
+def _hybrid_metadata(w: gguf.GGUFWriter, layout: Layout, arch: Arch, config) -> None:
+    """The linear-attention layout as llama.cpp's Qwen3NextModel writes it, beyond the ssm.* keys of HYBRID_CONFIG:
+    value width, which layers are recurrent, the rotary dimensions and (Qwen3.5) the mrope sections, padded to 4."""
+    w.add_ssm_inner_size(config.linear_value_head_dim * config.linear_num_value_heads)
+    w.add_array(f"{arch.gguf_arch}.attention.recurrent_layers", [t == "linear_attention" for t in config.layer_types])
+    w.add_full_attention_interval(layout.config.get("full_attention_interval", 4))
+    rope = config.rope_parameters or {}
+    w.add_rope_dimension_count(int(config.head_dim * rope.get("partial_rotary_factor", 0.25)))
+    if arch.hybrid == "tiled_v":
+        sections = list(rope.get("mrope_section") or [11, 11, 10])
+        w.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
+
+
 def _metadata(w: gguf.GGUFWriter, layout: Layout, arch: Arch, qtype: str) -> None:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(layout.path)  # attributes resolve aliases (num_experts -> num_local_experts)
+    config = AutoConfig.from_pretrained(layout.path).get_text_config()  # attributes resolve aliases (num_experts ->
+    # num_local_experts); a multimodal wrapper's text model
     prefix = arch.gguf_arch + "."
     w.add_name(Path(layout.path).name)
     w.add_file_type(FILE_TYPES[qtype])
@@ -156,6 +193,8 @@ def _metadata(w: gguf.GGUFWriter, layout: Layout, arch: Arch, qtype: str) -> Non
         _mla_metadata(w, config)
     elif isinstance(getattr(config, "head_dim", None), int):
         w.add_value_length(config.head_dim)
+    if arch.hybrid:
+        _hybrid_metadata(w, layout, arch, config)
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_theta") is not None:
         w.add_rope_freq_base(float(rope["rope_theta"]))
