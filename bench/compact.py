@@ -5,6 +5,7 @@
 1. Error: the demo model exported to q4_0 and q8_0 GGUF; each tier scores the first `--tokens` tokens of the
    held-out code and prose texts in windows of 256 (loss and perplexity), and against the float32 tier of the same
    file: top-1 agreement of next-token predictions and mean KL(float32 || tier).
+   The demo model's float checkpoint likewise: bfloat16 and `--quantize int8|int4` against float32.
 2. With `--gguf` (for example bench/realgeom.py's Q4_K_M file at Qwen3-30B-A3B layer geometry): bytes per slice in
    the cache against the file, resident RAM against the file's resident bytes, and decode tok/s with every slice
    paged in first (fully resident), per tier, in one run.
@@ -36,6 +37,26 @@ def window_logits(model, ids: torch.Tensor, window: int = 256) -> list[torch.Ten
             if ids[s:s + window].numel() > 1]
 
 
+def heldout(tok, domain: str, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `tokens` ids of a held-out text, and the targets window_logits predicts."""
+    ids = torch.tensor(tok((DATA / f"heldout_{domain}.txt").read_text())["input_ids"][:tokens])
+    targets = torch.cat([ids[s + 1:s + 256] for s in range(0, ids.numel() - 1, 256) if ids[s:s + 256].numel() > 1])
+    return ids, targets
+
+
+def scored(logits: dict[str, torch.Tensor], targets: torch.Tensor, reference: str, **labels) -> list[dict]:
+    """Loss and perplexity of each tier's logits, top-1 agreement and mean KL against the `reference` tier's."""
+    ref = logits[reference].log_softmax(-1)
+    rows = []
+    for name, lg in logits.items():
+        loss = F.cross_entropy(lg, targets).item()
+        lp = lg.log_softmax(-1)
+        rows.append(dict(**labels, tier=name, loss=round(loss, 4), ppl=round(float(torch.exp(torch.tensor(loss))), 2),
+                         top1_agree=round((lg.argmax(-1) == ref.argmax(-1)).float().mean().item(), 4),
+                         mean_kl=float(f"{(ref.exp() * (ref - lp)).sum(-1).mean().item():.3g}")))
+    return rows
+
+
 def error_rows(tokens: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,17 +64,23 @@ def error_rows(tokens: int) -> list[dict]:
             path = export_gguf(demo_model_path(), Path(tmp) / f"demo-{qtype}.gguf", qtype, progress=False)
             tok = load_tokenizer(str(path))
             for domain in ("code", "prose"):
-                ids = torch.tensor(tok((DATA / f"heldout_{domain}.txt").read_text())["input_ids"][:tokens])
-                targets = torch.cat([ids[s + 1:s + 256] for s in range(0, ids.numel() - 1, 256) if ids[s:s + 256].numel() > 1])
+                ids, targets = heldout(tok, domain, tokens)
                 logits = {name: torch.cat(window_logits(load(path, **opts), ids)) for name, opts in TIERS.items()}
-                ref = logits["float32"].log_softmax(-1)
-                for name, lg in logits.items():
-                    loss = F.cross_entropy(lg, targets).item()
-                    lp = lg.log_softmax(-1)
-                    rows.append(dict(file=qtype, domain=domain, tier=name, loss=round(loss, 4),
-                                     ppl=round(float(torch.exp(torch.tensor(loss))), 2),
-                                     top1_agree=round((lg.argmax(-1) == ref.argmax(-1)).float().mean().item(), 4),
-                                     mean_kl=float(f"{(ref.exp() * (ref - lp)).sum(-1).mean().item():.3g}")))
+                rows += scored(logits, targets, "float32", file=qtype, domain=domain)
+    return rows
+
+
+def quantize_rows(tokens: int) -> list[dict]:
+    """The demo model's float checkpoint: float32, bfloat16, and `--quantize int8|int4` (experts compact, resident
+    linears int8 rows), against float32."""
+    tiers = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
+             "int8": dict(quantize="int8"), "int4": dict(quantize="int4")}
+    tok = load_tokenizer(str(demo_model_path()))
+    rows = []
+    for domain in ("code", "prose"):
+        ids, targets = heldout(tok, domain, tokens)
+        logits = {name: torch.cat(window_logits(load(demo_model_path(), **opts), ids)) for name, opts in tiers.items()}
+        rows += scored(logits, targets, "float32", file="demo", domain=domain)
     return rows
 
 
@@ -108,8 +135,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"error": error_rows(args.tokens)}
+    result = {"error": error_rows(args.tokens), "quantize": quantize_rows(args.tokens)}
     table(result["error"])
+    table(result["quantize"])
     if args.gguf:
         result["size"] = size_rows(args.gguf, args.decode, args.tiers.split(","))
         table(result["size"])

@@ -8,6 +8,7 @@ import torch
 
 from expertpager.errors import ExpertPagerError
 from expertpager.runtime.compact import int4_fields
+from expertpager.runtime.compact_modules import CompactLinear
 from expertpager.runtime.load import load, resolve_tier
 from expertpager.model.read_layout import read_layout
 from test_dequant import random_blocks
@@ -87,6 +88,9 @@ def test_quantize_float_checkpoint(tmp_path, quantize):
     everything = load(folder, quantize=quantize)
     served = {p.dtype for m in everything.modules() if hasattr(m, "slices") for s in m.slices.values() for p in s.parts}
     assert ("U8" if quantize == "int4" else "I8") in served and everything.dtype == torch.bfloat16
+    packed = [n for n, m in everything.named_modules() if isinstance(m, CompactLinear)]
+    assert "lm_head" in packed and any(n.endswith("self_attn.q_proj") for n in packed)
+    assert not any(n.endswith(("gate", "router")) for n in packed)
     reference = logits_trace(everything, PROMPT, 4)
     small = load(folder, quantize=quantize, cache=200_000)  # 143,360 of staging, then 7-13 of 24 slices
     assert_same(reference, logits_trace(small, PROMPT, 4), f"--quantize {quantize}, small cache")
@@ -99,4 +103,5 @@ def test_quantize_float_checkpoint(tmp_path, quantize):
 
     stored = load(repack(folder, tmp_path / "q", quantize=quantize, progress=False), cache=200_000)
     assert stored.pager._decode is None  # stored quantized: page-in is the read alone
+    assert isinstance(stored.lm_head, CompactLinear)
     assert_same(reference, logits_trace(stored, PROMPT, 4), f"repack --quantize {quantize}")

@@ -7,6 +7,7 @@ from torch import nn
 
 from .compact import compact_project, pack_matrix, packs_as_int4
 from .dequant import dequantize
+from .paged_experts import DTYPE_NAMES
 
 
 class CompactLinear(nn.Module):
@@ -27,6 +28,24 @@ class CompactLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace each float linear layer of `model` but routers and gates (names ending in gate or router, or under
+    one; fewer than 16 outputs) by a CompactLinear of int8 rows, one at a time (`--quantize` on a float checkpoint:
+    resident weights near a byte each). Returns the bytes the model's weights shrank by."""
+    saved = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or module.out_features < 16 or any(
+                part.endswith(("gate", "router")) for part in name.split(".")):
+            continue
+        w = module.weight.detach().contiguous()
+        new = CompactLinear(w.view(torch.uint8).reshape(-1), DTYPE_NAMES[w.dtype], tuple(w.shape),
+                            None if module.bias is None else module.bias.detach())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        saved += w.nbytes - sum(b.nbytes for b in new.buffers() if b is not None) + (0 if module.bias is None else module.bias.nbytes)
+    return saved
 
 
 class BlockEmbedding(nn.Module):

@@ -21,6 +21,7 @@ from ..pager.replay import slot_needs
 from ..pager.decode import staging_bytes
 from ..sizes import parse_size
 from .gguf_model import FLOAT_TYPES, build_gguf_model, gguf_dtype
+from .compact_modules import pack_linears
 from .compact import compact_bytes, compactor, is_compact
 from .paged_experts import DTYPE_NAMES, PagedExperts, dequantizer, realigner, resident_offsets, stored_offsets
 from .moe_layers import moe_layers
@@ -243,7 +244,8 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     folder's `speculator.safetensors` when there is one, a path to such a file, or False for the plain routers;
     `model.speculator` is the one in use. progress: a bar on stderr while a GGUF's resident tensors load.
     quantize: "int4" or "int8" holds a float checkpoint's experts in the compact tier (round to nearest per group
-    of 32, or per row), computing in bfloat16; resident weights stay as loaded.
+    of 32, or per row), computing in bfloat16, and resident linear layers but routers as int8 rows (pack_linears; so are those of a
+    float checkpoint repacked with --quantize).
     A remote `model_ref` (hf://org/name, https://.../model.gguf, a folder URL) runs from its local store (`store`: a
     folder or an open Store; default under the HF cache) under a disk budget `disk`; `offline` (default: the Hub's
     offline mode) uses only what the store holds; `model.store` is the Store, or None for a local checkpoint."""
@@ -269,6 +271,9 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
             model = paged_class(base).from_pretrained(layout.path, config=config, dtype=dtype,
                                                        experts_implementation="grouped_mm")
     model.eval()
+    packed = pack_linears(model) if tier == "compact" and layout.weights_format != "gguf" else 0
+    if packed and max_memory is not None:  # the plan counted them as loaded (the peak); the cache gets what they freed
+        plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, -packed, tier)
     chosen = make_predictors(predictors, profiles)
     unfitted = [p for p in chosen if isinstance(p, NextLayer) and p.speculator is None]
     model.speculator = None
@@ -278,7 +283,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
         for p in unfitted:
             p.speculator = model.speculator
         if model.speculator is not None and max_memory is not None:  # its maps stay in memory too
-            plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, model.speculator.nbytes, tier)
+            plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, model.speculator.nbytes - packed, tier)
     verify = checksum_verifier(layout.slices, layout.checksums) if layout.checksums else None
     pager = SliceCache(layout.slices, plan.cache_bytes, policy=policy, io=io, threads=threads,
                        min_pinned=layout.experts_per_token, verify=verify, decode=decoder,
