@@ -133,13 +133,13 @@ def test_gguf_prune_loads_in_the_runtime_and_equals_masked(tmp_path):
 
 def test_cli_prunes_the_demo_model_paged_to_hf_and_gguf(tmp_path):
     text = tmp_path / "calib.txt"
-    text.write_text(PROSE.read_text()[:4000])
+    text.write_text(PROSE.read_text()[:2000])
     runner = CliRunner()
     args = ["prune", str(demo_model_path()), "--input", str(text), "--keep", "50%", "--cache", "25%", "--json"]
     result = runner.invoke(app, args + ["--out", str(tmp_path / "hf")])
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
-    assert info["keep"] == 32 and info["calibration_tokens"] > 500
+    assert info["keep"] == 32 and info["calibration_tokens"] > 400
     mapping = json.loads((tmp_path / "hf" / "pruning.json").read_text())
     for row in mapping["layers"]:  # the kept experts are the 32 with the highest REAP scores
         scores = np.array(row["scores"])
