@@ -299,16 +299,7 @@ def calibrate(
     tokenizer = load_tokenizer(layout.path)
     if tokenizer is None:
         raise ExpertPagerError(f"{model}: calibrating on text needs a tokenizer")
-    ids: list[int] = []
-    for name in inputs:
-        try:
-            text = Path(name).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ExpertPagerError(f"{name}: cannot read ({e})") from None
-        tokens = tokenizer(text)["input_ids"][:max_tokens]
-        if len(tokens) < 2:
-            raise ExpertPagerError(f"{name}: no text to calibrate on")
-        ids += tokens
+    ids = _read_ids(tokenizer, inputs, max_tokens)
     path = Path(output) if output else default_speculator_path(layout.path)
     if not path.parent.is_dir():
         raise ExpertPagerError(f"{path}: its folder does not exist")
@@ -329,6 +320,65 @@ def calibrate(
     console.print(f"speculator for {len(spec.layers)} MoE layers, distances {spec.ahead}, from {len(ids):,} tokens -> {path}")
     console.print(f"one layer ahead, on the first {len(sample):,} calibration tokens: recall {rec['plain']:.3f} (plain router) "
                   f"-> {rec['fitted']:.3f} (fitted)")
+
+
+def _read_ids(tokenizer, inputs: list[str], max_tokens: int | None = None) -> list[int]:
+    """The token ids of text files, one after the other; a clear error for a file that cannot be read or is empty."""
+    ids: list[int] = []
+    for name in inputs:
+        try:
+            text = Path(name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ExpertPagerError(f"{name}: cannot read ({e})") from None
+        tokens = tokenizer(text)["input_ids"][:max_tokens]
+        if len(tokens) < 2:
+            raise ExpertPagerError(f"{name}: no text in it")
+        ids += tokens
+    return ids
+
+
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help="Checkpoint to prune: an HF safetensors folder, a .gguf file, or cached org/name."),
+    inputs: list[str] = typer.Option(None, "--input", help="Calibration text file (repeatable): the experts are scored on it; not the text you evaluate on."),
+    keep: str = typer.Option(..., "--keep", help="Experts to keep in every MoE layer: a percentage (75%) or a count; at least the experts per token, fewer than all."),
+    method: str = typer.Option("reap", "--method", help="reap: mean gate weight x output norm over the tokens routed to each expert; frequency: routing count; random: seeded."),
+    per_domain: str = typer.Option(None, "--per-domain", help="A domain profile (`expertpager profile`; a name in the profiles folder or a .json): scores are weighted by how often that domain routes to each expert, so its experts are kept."),
+    out: str = typer.Option(..., "--out", "-o", help="An HF folder to write (must not exist), or OUT.gguf."),
+    out_type: str = typer.Option("f32", "--type", help="GGUF weight type when an HF checkpoint is written as OUT.gguf: f32, f16, bf16, q8_0, q4_0."),
+    cache: str = typer.Option(None, "--cache", help="Expert cache while scoring, bytes or a percentage (default: every slice fits)."),
+    max_tokens: int = typer.Option(None, "--max-tokens", min=2, help="Use at most this many tokens of each file."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --method random."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Remove the least useful experts of every MoE layer for deployment and write a standard checkpoint (HF folder
+    or GGUF, loadable by transformers and llama.cpp), with a JSON map from new to original expert ids and the scores."""
+    from .model.read_layout import read_layout
+    from .runner import load_tokenizer
+    from .runtime.profiles import default_profiles_dir, load_profile
+    from .tools.prune import mapping_path, prune as prune_checkpoint
+
+    layout = read_layout(model)
+    ids = None
+    if inputs:
+        tokenizer = load_tokenizer(layout.path)
+        if tokenizer is None:
+            raise ExpertPagerError(f"{model}: scoring on text needs a tokenizer")
+        ids = _read_ids(tokenizer, inputs, max_tokens)
+    profile = None
+    if per_domain:
+        path = Path(per_domain) if per_domain.endswith(".json") else default_profiles_dir() / f"{per_domain}.json"
+        if not path.exists():
+            raise ExpertPagerError(f"{path}: no such profile (make one with `expertpager profile MODEL --input FILE --name NAME`)")
+        profile = load_profile(path)
+    info = prune_checkpoint(model, ids, keep, method, out, profile, seed, cache, out_type, progress=not json_out)
+    summary = {"out": out, "mapping": str(mapping_path(out)), "method": method, "keep": info["keep"],
+               "num_experts": info["num_experts"], "layers": len(info["layers"]), "calibration_tokens": info["calibration_tokens"]}
+    if json_out:
+        print(json.dumps(summary))
+        return
+    console.print(f"kept {info['keep']} of {info['num_experts']} experts in each of {len(info['layers'])} MoE layers "
+                  f"({method}, {info['calibration_tokens']:,} calibration tokens) -> {out}; map: {summary['mapping']}")
 
 
 @app.command()

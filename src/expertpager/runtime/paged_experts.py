@@ -186,6 +186,8 @@ class PagedExperts(nn.Module):
         self.transpose = False  # set by the loader: slices in GGUF's order for a transposed module (see slice_tensors)
         self.chunk = 1  # slices pinned at once when a prefill hits many experts
         self.on_route = None  # optional callback(layer, expert_ids) -> slice keys to prefetch, before the first pin
+        self.on_output = None  # optional callback(layer, expert_ids[R], weights[R], outputs[R, H]): every routed
+        # (token, expert) row's unweighted expert output, rows sorted by expert (the pruning statistics read them)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, paged"
@@ -222,6 +224,8 @@ class PagedExperts(nn.Module):
                 with self.cache.pin_many(self._keys(chunk), self._keys(following)) as pinned:
                     for e in chunk:
                         out = self._project(gated, rows[e], self._tensors(e, pinned[(self.layer, e)]), "down", out)
+        if self.on_output is not None:
+            self.on_output(self.layer, expert_ids_g, sample_weights_g, out)
         weighted = out * sample_weights_g.unsqueeze(-1)
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.size(0))
