@@ -105,6 +105,12 @@ def compute_dtype(layout: Layout, dtype: torch.dtype | str, tier: str = "dequant
     return getattr(torch, name)
 
 
+def gguf_transposed(layout: Layout) -> bool:
+    """A GGUF of gpt-oss: llama.cpp's separate [out, in] gate and up where transformers' module multiplies an
+    interleaved [in, out] gate_up (see paged_experts.transposed_slice)."""
+    return layout.weights_format == "gguf" and gguf_arch(layout).fused_transposed
+
+
 def expert_offsets(layout: Layout, dtype: torch.dtype) -> dict[SliceKey, dict[str, int]]:
     """Each slice's weight matrices at their fully resident addresses modulo ALIGN (see resident_offsets)."""
     return {k: resident_offsets(s, dtype, layout.format == "safetensors") for k, s in layout.slices.items()}
@@ -114,7 +120,8 @@ def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype,
                 quantize: str | None = None) -> tuple[Decoder | None, dict[SliceKey, ExpertSlice]]:
     """The cache's decode step (None: it holds the stored bytes) and the slices as it serves them. The dequantized
     tier decodes only when some part is not already stored in the compute dtype; slices stored in it whose weights
-    would sit at another alignment than the resident model's are moved to it in their slot once per page-in."""
+    would sit at another alignment than the resident model's are moved to it in their slot once per page-in. A gpt-oss
+    GGUF's slices are always decoded, into transformers' interleaved, transposed layout (except in the raw tier)."""
     tier = resolve_tier(layout, expert_cache, quantize)
     stored = {p.dtype for s in layout.slices.values() for p in s.parts}
     if tier == "raw":
@@ -124,8 +131,8 @@ def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype,
             return None, layout.slices
         return compactor(layout.slices, floats=quantize == "int4")
     offsets = expert_offsets(layout, dtype)
-    if stored != {DTYPE_NAMES.get(dtype)}:
-        return dequantizer(layout.slices, dtype, offsets)
+    if gguf_transposed(layout) or stored != {DTYPE_NAMES.get(dtype)}:
+        return dequantizer(layout.slices, dtype, offsets, transpose=gguf_transposed(layout))
     if all(stored_offsets(s) == offsets[k] for k, s in layout.slices.items()):
         return None, layout.slices
     return realigner(layout.slices, offsets)
@@ -268,7 +275,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
             module.slices = {e: served[(module.layer, e)] for e in range(layout.num_experts)}
             module.offsets = {e: offsets[(module.layer, e)] for e in range(layout.num_experts)} if offsets else {}
             module.dtype = dtype
-            module.transpose = module.is_transposed and layout.weights_format == "gguf"
+            module.transpose = decoder is None and gguf_transposed(layout)  # a raw-tier slice, rebuilt per use
             module.chunk = max(layout.experts_per_token, pager.num_slots // (2 if prefetch else 1))
             if not prefetch:
                 module.chunk = pager.num_slots
