@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .errors import ExpertPagerError
 from .runtime.generate import Generation, generate
-from .runtime.load import load, no_transformers_bars
+from .runtime.load import load, load_all_cached, no_transformers_bars
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -38,13 +38,18 @@ def load_tokenizer(path: str):
         return None
 
 
-def load_resident(path: str) -> PreTrainedModel:
-    """The same checkpoint fully in memory through plain transformers (safetensors checkpoints only)."""
-    if Path(path).suffix == ".gguf":
-        raise ExpertPagerError(f"{path}: --resident and --compare need an HF safetensors checkpoint; "
-                               "a GGUF runs paged only (give --cache 100% to hold every slice)")
+def load_resident(path: str, **load_options) -> PreTrainedModel:
+    """The same checkpoint fully in memory: an HF safetensors checkpoint through plain transformers; a GGUF or a
+    repacked store through the same paged code with every slice cached and loaded first (load_all_cached, with
+    the tier, dtype, I/O and progress options of `load_options`; budgets and predictors do not apply)."""
+    from .model.read_layout import read_layout
+
+    layout = read_layout(path)
+    if layout.format != "safetensors":
+        keep = ("expert_cache", "dtype", "quantize", "io", "threads", "progress")
+        return load_all_cached(path, **{k: v for k, v in load_options.items() if k in keep})
     with no_transformers_bars():
-        return AutoModelForCausalLM.from_pretrained(path).eval()
+        return AutoModelForCausalLM.from_pretrained(layout.path).eval()
 
 
 @dataclass
@@ -86,8 +91,6 @@ def run_once(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int,
 def open_model(model_ref: str, resident: bool, **load_options) -> PreTrainedModel:
     """Paged (default) or fully resident."""
     if resident:
-        from .model.read_layout import read_layout
-
-        return load_resident(read_layout(model_ref).path)
+        return load_resident(model_ref, **load_options)
     return load(model_ref, **load_options)
 

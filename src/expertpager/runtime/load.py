@@ -18,6 +18,7 @@ from ..model.plan import MemoryPlan, plan_cache, plan_memory, resident_in_memory
 from ..model.read_layout import read_layout
 from ..pager import Decoder, SliceCache, checksum_verifier
 from ..pager.replay import slot_needs
+from ..progress import progress_bar
 from ..pager.decode import staging_bytes
 from ..sizes import parse_size
 from .gguf_model import FLOAT_TYPES, build_gguf_model, gguf_dtype
@@ -283,4 +284,21 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     model.layout = layout
     model.memory_plan = plan
     model.prefetcher = Prefetcher(model, chosen) if chosen else None
+    return model
+
+
+def load_all_cached(model_ref: str | Path, expert_cache: str = DEFAULT_EXPERT_CACHE, dtype: torch.dtype | str = "auto",
+                    quantize: str | None = None, io: str = "auto", threads: int = 4,
+                    progress: bool = False) -> PreTrainedModel:
+    """`model_ref` fully in memory through the paged code: a cache that holds every slice in the same tier and
+    dtype, every slice loaded before this returns, the cache's counters reset (so a run reads nothing and hits
+    every time). How a GGUF or a repacked store runs "resident", to compare with its paged runs."""
+    model = load(model_ref, expert_cache=expert_cache, dtype=dtype, quantize=quantize, io=io, threads=threads,
+                 prefetch=False, progress=progress)
+    layers = sorted({layer for layer, _ in model.layout.slices})
+    with progress_bar(f"loading {len(model.layout.slices)} expert slices", len(layers), progress) as advance:
+        for layer in layers:
+            with model.pager.pin_many([k for k in model.layout.slices if k[0] == layer]):
+                advance()
+    model.pager.reset_stats()
     return model
