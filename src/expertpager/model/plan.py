@@ -52,6 +52,11 @@ def _geometry(layout: Layout) -> tuple[int, int, int]:
     return int(hidden), int(kv_heads) * int(head_dim), layout.num_layers
 
 
+def hidden_size(layout: Layout) -> int:
+    """The model's hidden size, from an HF config or GGUF metadata."""
+    return _geometry(layout)[0]
+
+
 def reserve_bytes(layout: Layout, context_tokens: int = DEFAULT_CONTEXT) -> int:
     """Runtime overhead + bf16 KV cache for `context_tokens` + prefill activations."""
     hidden, kv_width, layers = _geometry(layout)

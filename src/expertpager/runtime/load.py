@@ -227,7 +227,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
          dtype: torch.dtype | str = "auto", expert_cache: str = DEFAULT_EXPERT_CACHE,
          predictors: "str | Sequence[str | Predictor] | None" = None, profiles: str | Path | None = None,
          speculator: "str | Path | Speculator | bool | None" = None, progress: bool = False,
-         quantize: str | None = None) -> PreTrainedModel:
+         quantize: str | None = None, extra_resident: int = 0) -> PreTrainedModel:
     """A transformers causal LM for `model_ref` with paged experts; `model.pager` is its SliceCache.
 
     max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
@@ -239,13 +239,14 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     folder's `speculator.safetensors` when there is one, a path to such a file, or False for the plain routers;
     `model.speculator` is the one in use. progress: a bar on stderr while a GGUF's resident tensors load.
     quantize: "int4" or "int8" holds a float checkpoint's experts in the compact tier (round to nearest per group
-    of 32, or per row), computing in bfloat16; resident weights stay as loaded."""
+    of 32, or per row), computing in bfloat16; resident weights stay as loaded. extra_resident: bytes the caller
+    will hold beside the model (calibration statistics), counted against max_memory."""
     layout = read_layout(model_ref)
     tier = resolve_tier(layout, expert_cache, quantize)
     dtype = compute_dtype(layout, dtype, tier)
     decoder, served = expert_tier(layout, expert_cache, dtype, quantize)
     offsets = {} if tier == "compact" else expert_offsets(layout, dtype)  # compact slices are served as stored
-    plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, tier=tier)  # fails fast, before loading
+    plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, extra_resident, tier)  # fails fast
     if layout.weights_format == "gguf":
         config = AutoConfig.for_model(gguf_arch(layout).model_type)
         model = build_gguf_model(layout, paged_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]), dtype,
@@ -266,7 +267,8 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
         for p in unfitted:
             p.speculator = model.speculator
         if model.speculator is not None and max_memory is not None:  # its maps stay in memory too
-            plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, model.speculator.nbytes, tier)
+            plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype,
+                                extra_resident + model.speculator.nbytes, tier)
     verify = checksum_verifier(layout.slices, layout.checksums) if layout.checksums else None
     pager = SliceCache(layout.slices, plan.cache_bytes, policy=policy, io=io, threads=threads,
                        min_pinned=layout.experts_per_token, verify=verify, decode=decoder)
