@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from expertpager.runner import run_once
-from expertpager.runtime.load import load
+from expertpager.runtime.load import load, no_transformers_bars
 from expertpager.tools.export_gguf import export_gguf
 
 
@@ -35,7 +35,8 @@ def write_gpt_oss(folder: Path, hidden: int, layers: int, experts: int) -> Path:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-    model.save_pretrained(folder)
+    with no_transformers_bars():
+        model.save_pretrained(folder)
     return folder
 
 

@@ -435,7 +435,11 @@ def evaluate(
 
 
 def main() -> None:
-    """Entry point: run the app, turning ExpertPagerError into one line on stderr and exit code 2."""
+    """Entry point: run the app, turning ExpertPagerError into one line on stderr and exit code 2. The command line
+    shows the project's own progress bars only: transformers' (and huggingface_hub's) are off in this process."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         app()
     except ExpertPagerError as e:
