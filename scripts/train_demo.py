@@ -84,6 +84,13 @@ def heldout_texts() -> dict[str, str]:
     return {"code": EOS.join(code), "prose": EOS.join(prose_documents()[1])}
 
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+"""A plain chat template (the model was not trained on conversations): `role: text` turns, so chat works."""
+
+
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `texts` and wrap it for AutoTokenizer."""
     tok = Tokenizer(models.BPE())
@@ -98,7 +105,8 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD, model_max_length=512
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD, model_max_length=512,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -324,6 +332,8 @@ Trained from scratch in float32 with `torch.set_num_threads({threads})` on a 2-c
   loss (router_aux_loss_coef {cfg.router_aux_loss_coef}); took {train_minutes:.0f} minutes including tokenizer training
   (torch {torch}).
 - the tokenizer is trained by the same script on the training split.
+- chat template (`chat_template.jinja`): plain `role: text` turns, then `assistant: `; the model never saw a
+  conversation, it is there so `run --chat` and `serve` work out of the box.
 
 Retrain (seed, data order and thread count are fixed; a rerun has not been compared bit for bit):
 `PYTHONPATH=src python scripts/train_demo.py`; `--card-only` recomputes this card, the losses and the traces.

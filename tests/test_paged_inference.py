@@ -89,6 +89,21 @@ def test_generate_loop_matches_transformers_generate(folders):
     assert ours == theirs[0, len(PROMPT):].tolist()
 
 
+def test_chunked_prefill_matches_transformers_generate(folders, monkeypatch):
+    """A prompt longer than a prefill chunk goes in chunks through one KV cache: same tokens as one pass."""
+    import expertpager.runtime.generate as gen
+
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 3)
+    assert len(PROMPT) > 2 * 3
+    folder = folders["qwen3_moe"]
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    paged = load(folder, cache="25%")
+    ours = generate(paged, PROMPT, STEPS).tokens
+    theirs = reference.generate(torch.tensor([PROMPT]), max_new_tokens=STEPS, do_sample=False, eos_token_id=None)
+    assert ours == theirs[0, len(PROMPT):].tolist()
+    assert ours == generate(reference, PROMPT, STEPS).tokens
+
+
 def test_budget_errors(folders):
     folder = folders["qwen3_moe"]
     with pytest.raises(ExpertPagerError, match="too small: at least"):

@@ -15,6 +15,11 @@ from .sizes import format_size, parse_size
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Run mixture-of-experts models larger than memory by paging expert slices from disk.")
 console = Console()
+MODEL_HELP = ("A model folder (config.json + *.safetensors), a .gguf file, org/name[@rev][:QUANT] from the local HF cache, "
+              "or a remote checkpoint: hf://org/name[@rev][:QUANT], https://.../model.gguf, or a folder URL ending in /.")
+STORE_HELP = "A remote model's local store (default: a folder under the Hugging Face cache)."
+DISK_HELP = "Disk budget of a remote model's store, e.g. 20GB: least recently used slices are deleted beyond it."
+OFFLINE_HELP = "Use only what the store holds (default: offline when HF_HUB_OFFLINE=1)."
 
 
 @app.callback()
@@ -24,15 +29,21 @@ def _root() -> None:
 
 @app.command()
 def inspect(
-    model: str = typer.Argument(..., help="A model folder (config.json + *.safetensors), a .gguf file, or org/name[@rev][:QUANT] from the local HF cache."),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     max_memory: str = typer.Option(None, "--max-memory", help="Memory promise for the whole process, e.g. 8GB (10^9) or 8GiB (2^30): show how big an expert cache fits."),
+    store: str = typer.Option(None, "--store", help=STORE_HELP),
+    offline: bool = typer.Option(None, "--offline/--online", help=OFFLINE_HELP),
 ) -> None:
-    """Show a checkpoint's MoE geometry and what each part costs in bytes, reading headers only."""
-    from .model.read_layout import read_layout
+    """Show a checkpoint's MoE geometry and what each part costs in bytes, reading headers only (by HTTP range for a
+    remote checkpoint)."""
+    from .remote import resolve_layout
     from .report import describe
 
-    info = describe(read_layout(model), parse_size(max_memory) if max_memory else None)
+    layout, remote = resolve_layout(model, store, None, offline)
+    info = describe(layout, parse_size(max_memory) if max_memory else None)
+    if remote is not None:
+        info.update(path=model, store=str(remote.folder), slices_in_store=len(remote.present()))
     if json_out:
         print(json.dumps(info))
         return
@@ -82,6 +93,8 @@ STAT_ROWS = (("prefill tokens/s", "prefill_tokens_per_s", "{:.1f}"), ("decode to
              ("bytes read from disk", "bytes_read", "size"), ("stall time", "stall_seconds", "{:.3f} s"),
              ("expert cache", "cache_bytes", "size"), ("resident weights", "resident_bytes", "size"),
              ("peak RSS", "peak_rss_bytes", "size"))
+REMOTE_ROWS = (("store hit rate", "store_hit_rate", "{:.1%}"), ("fetched remotely", "remote_bytes", "size"),
+               ("remote fetch time", "remote_seconds", "{:.3f} s"), ("store on disk", "store_bytes", "size"))
 
 
 def _stats_table(columns: dict[str, dict]) -> Table:
@@ -89,46 +102,76 @@ def _stats_table(columns: dict[str, dict]) -> Table:
     t.add_column("")
     for name in columns:
         t.add_column(name, justify="right")
-    for label, key, fmt in STAT_ROWS:
+    remote = any("remote_bytes" in c for c in columns.values())
+    for label, key, fmt in STAT_ROWS + (REMOTE_ROWS if remote else ()):
         cells = [format_size(c.get(key, 0)) if fmt == "size" else fmt.format(c.get(key, 0)) for c in columns.values()]
         t.add_row(label, *cells)
     return t
 
 
+MODEL = typer.Argument(None, help="Model folder, .gguf file or cached org/name; default: the bundled demo MoE.")
+MAX_MEMORY = typer.Option(None, "--max-memory", help="Memory promise for the whole process (resident + reserve + cache), e.g. 8GB.")
+CACHE = typer.Option(None, "--cache", help="Expert cache size: bytes (2GB, 512MiB) or a percentage of all expert bytes (25%).")
+POLICY = typer.Option("lru", "--policy", help="Eviction policy: lru, lfu, cycle.")
+PREFETCH = typer.Option(True, "--prefetch/--no-prefetch", help="Load the next chunk of experts while one computes.")
+PREDICTOR = typer.Option(None, "--predictor", help="Prefetch predictors, comma-separated: next-layer[:AHEAD][+EXTRA|-FEWER] (e.g. next-layer+4: top-k+4; next-layer-2: top-k-2), temporal, domain.")
+PROFILES = typer.Option(None, "--profiles", help="Folder of domain profiles for --predictor domain (see `expertpager profile`).")
+SPECULATOR = typer.Option(None, "--speculator", help="Fitted maps for --predictor next-layer (see `expertpager calibrate`): a .safetensors file, or none for the plain routers; default: the model folder's speculator.safetensors when present.")
+IO = typer.Option("auto", "--io", help="Page-in I/O: auto, direct (O_DIRECT), buffered+dontneed, buffered.")
+EXPERT_CACHE = typer.Option("auto", "--expert-cache",
+                            help="What the cache holds for quantized slices: compact (int4/int8 at about the stored size, bfloat16 compute; the default for a quantized GGUF), dequantized (decoded once at page-in) or raw (decoded on every use). auto picks compact where it applies.")
+QUANTIZE = typer.Option(None, "--quantize", help="int4 or int8: hold a bf16/f16/f32 checkpoint's experts in the compact tier (round to nearest per 32 weights, or per row), bfloat16 compute.")
+
+
+def _load_options(max_memory, cache, policy, prefetch, predictor, profiles, speculator, io, expert_cache, quantize,
+                  progress: bool) -> dict:
+    """The paging options that run and serve share, as `load`'s keyword arguments."""
+    return dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io, expert_cache=expert_cache,
+                predictors=predictor, profiles=profiles, speculator=False if speculator == "none" else speculator,
+                progress=progress, quantize=quantize)
+
+
 @app.command()
 def run(
-    model: str = typer.Argument(None, help="Model folder, .gguf file or cached org/name; default: the bundled demo MoE."),
+    model: str = MODEL,
     prompt: str = typer.Option(None, "--prompt", "-p", help=f"Prompt text (default: {DEFAULT_PROMPT!r})."),
     prompt_ids: str = typer.Option(None, "--prompt-ids", help="Prompt as token ids, e.g. 1,2,3 (for checkpoints without a tokenizer)."),
     chat: bool = typer.Option(False, "--chat", help="Read user turns from stdin and answer with the model's chat template."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
-    max_memory: str = typer.Option(None, "--max-memory", help="Memory promise for the whole process (resident + reserve + cache), e.g. 8GB."),
-    cache: str = typer.Option(None, "--cache", help="Expert cache size: bytes (2GB, 512MiB) or a percentage of all expert bytes (25%)."),
-    policy: str = typer.Option("lru", "--policy", help="Eviction policy: lru, lfu, cycle."),
-    prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Load the next chunk of experts while one computes."),
-    predictor: str = typer.Option(None, "--predictor", help="Prefetch predictors, comma-separated: next-layer[:AHEAD][+EXTRA|-FEWER] (e.g. next-layer+4: top-k+4; next-layer-2: top-k-2), temporal, domain."),
-    profiles: str = typer.Option(None, "--profiles", help="Folder of domain profiles for --predictor domain (see `expertpager profile`)."),
-    speculator: str = typer.Option(None, "--speculator", help="Fitted maps for --predictor next-layer (see `expertpager calibrate`): a .safetensors file, or none for the plain routers; default: the model folder's speculator.safetensors when present."),
+    max_memory: str = MAX_MEMORY,
+    cache: str = CACHE,
+    policy: str = POLICY,
+    prefetch: bool = PREFETCH,
+    predictor: str = PREDICTOR,
+    profiles: str = PROFILES,
+    speculator: str = SPECULATOR,
     resident: bool = typer.Option(False, "--resident", help="Run the same model fully in memory: plain transformers for a safetensors checkpoint; for a GGUF or repacked store the same code with every slice cached and loaded first."),
     compare: bool = typer.Option(False, "--compare", help="Run fully resident (see --resident) and paged, one after the other, and show both."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
     seed: int = typer.Option(0, "--seed"),
-    io: str = typer.Option("auto", "--io", help="Page-in I/O: auto, direct (O_DIRECT), buffered+dontneed, buffered."),
-    expert_cache: str = typer.Option("auto", "--expert-cache",
-                                     help="What the cache holds for quantized slices: compact (int4/int8 at about the stored size, bfloat16 compute; the default for a quantized GGUF), dequantized (decoded once at page-in) or raw (decoded on every use). auto picks compact where it applies."),
-    quantize: str = typer.Option(None, "--quantize", help="int4 or int8: hold a bf16/f16/f32 checkpoint's experts in the compact tier (round to nearest per 32 weights, or per row), bfloat16 compute."),
+    io: str = IO,
+    expert_cache: str = EXPERT_CACHE,
+    quantize: str = QUANTIZE,
+    store: str = typer.Option(None, "--store", help=STORE_HELP),
+    disk: str = typer.Option(None, "--disk", help=DISK_HELP),
+    offline: bool = typer.Option(None, "--offline/--online", help=OFFLINE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: tokens, text, stats."),
 ) -> None:
-    """Generate text with expert slices paged from disk under a memory budget (greedy by default)."""
+    """Generate text with expert slices paged from disk under a memory budget (greedy by default); a remote model's
+    slices come from its local store, fetched by HTTP range when missing."""
     from .model.demo import demo_model_path
-    from .model.read_layout import read_layout
+    from .remote import resolve_layout
     from .runner import load_tokenizer, open_model, run_once
 
     ref = model or str(demo_model_path())
-    tokenizer = load_tokenizer(read_layout(ref).path)
-    options = dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io, expert_cache=expert_cache,
-                   predictors=predictor, profiles=profiles, speculator=False if speculator == "none" else speculator,
-                   progress=not json_out, quantize=quantize)
+    layout, remote = resolve_layout(ref, store, parse_size(disk) if disk else None, offline)
+    if remote is not None and (resident or compare):
+        raise ExpertPagerError(f"{ref}: --resident and --compare need a local checkpoint; a remote one runs paged")
+    if remote is not None:
+        remote.fetch_resident(progress=not json_out)
+    tokenizer = load_tokenizer(layout.path)
+    options = _load_options(max_memory, cache, policy, prefetch, predictor, profiles, speculator, io, expert_cache, quantize,
+                            progress=not json_out) | {"store": remote}
     if chat:
         _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed)
         return
@@ -177,7 +220,7 @@ def _streamer(tokenizer):
 
 
 def _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed) -> None:
-    from .runner import open_model, run_once
+    from .runner import chat_ids, open_model, run_once
 
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ExpertPagerError(f"{ref}: --chat needs a tokenizer with a chat template; use --prompt")
@@ -185,11 +228,37 @@ def _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed) 
     messages = []
     for line in sys.stdin:
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) else list(ids)
+        ids = chat_ids(tokenizer, messages)
         result = run_once(m, ids, max_new_tokens, temperature, seed, tokenizer, _streamer(tokenizer))
         console.print()
         messages.append({"role": "assistant", "content": result.text or ""})
+
+
+@app.command()
+def serve(
+    model: str = MODEL,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    max_queue: int = typer.Option(16, "--max-queue", min=1, help="Requests that may wait while one is served; more get HTTP 429."),
+    max_memory: str = MAX_MEMORY,
+    cache: str = CACHE,
+    policy: str = POLICY,
+    prefetch: bool = PREFETCH,
+    predictor: str = PREDICTOR,
+    profiles: str = PROFILES,
+    speculator: str = SPECULATOR,
+    io: str = IO,
+    expert_cache: str = EXPERT_CACHE,
+    quantize: str = QUANTIZE,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models), with
+    /health, Prometheus /metrics, and a page at / that chats and shows the expert cache live."""
+    from .model.demo import demo_model_path
+    from .server.serve import serve as run_server
+
+    options = _load_options(max_memory, cache, policy, prefetch, predictor, profiles, speculator, io, expert_cache, quantize,
+                            progress=True)
+    run_server(model or str(demo_model_path()), host, port, max_queue, options)
 
 
 def _fractions(text: str) -> list[float]:
@@ -473,3 +542,130 @@ def repack(
 
     path = repack_checkpoint(model, outdir, files, compact=compact, quantize=quantize)
     console.print(f"wrote {path}")
+
+
+def _profile_for(path: str, layout):
+    from .runtime.profiles import load_profile
+
+    p = load_profile(path)
+    if p.layers != list(layout.moe_layers) or p.counts.shape[1] != layout.num_experts:
+        raise ExpertPagerError(f"{path}: profile {p.name!r} is of a model with other MoE layers or experts than this one")
+    return p
+
+
+@app.command()
+def pull(
+    model: str = typer.Argument(..., help="A remote model: hf://org/name[@rev][:QUANT], https://.../model.gguf or a folder URL."),
+    profile_path: str = typer.Option(None, "--profile", help="A domain profile (see `expertpager profile`): also fetch its hottest slices, as many as the disk budget holds."),
+    disk: str = typer.Option(None, "--disk", help=DISK_HELP),
+    store: str = typer.Option(None, "--store", help=STORE_HELP),
+    threads: int = typer.Option(4, "--threads", min=1, help="Parallel range requests."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Fetch a remote model's headers and resident tensors into its local store ahead of time, and with --profile the
+    hottest expert slices of a domain, so later runs (even offline) find them on disk."""
+    from .progress import progress_bar
+    from .remote import is_remote, open_store
+
+    if not is_remote(model):
+        raise ExpertPagerError(f"{model}: pull takes a remote model (hf://..., https://...); a local one is already on disk")
+    s = open_store(model, store, parse_size(disk) if disk else None, offline=False)
+    s.fetch_resident(progress=not json_out)
+    keys = []
+    if profile_path:
+        p = _profile_for(profile_path, s.layout)
+        largest = max(s.slice_size(k) for k in s.layout.slices)
+        room = len(s.layout.slices) if s.disk is None else max(0, (s.disk - s.used_bytes) // largest)
+        present = set(s.present())
+        for k in p.hottest(int((p.counts > 0).sum())):
+            if k not in present and not room:
+                break
+            keys.append(k)
+            room -= k not in present
+        keys.reverse()  # the hottest last, so they are the most recently used and the last the store evicts
+    with progress_bar("fetching slices", len(keys), enabled=not json_out and bool(keys)) as advance:
+        fetched = s.fetch_many(keys, threads, advance)
+    info = {"model": model, "store": str(s.folder), "slices_fetched": fetched, "slices_in_store": len(s.present()),
+            "num_slices": len(s.layout.slices), **s.stats().to_dict()}
+    if json_out:
+        print(json.dumps(info))
+        return
+    console.print(f"{model} -> {s.folder}: resident tensors and {info['slices_in_store']} of {info['num_slices']} slices "
+                  f"({format_size(info['store_bytes'])} on disk); fetched {format_size(info['remote_bytes'])} "
+                  f"in {info['remote_seconds']:.1f} s")
+
+
+@app.command()
+def plan(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    ram: str = typer.Option(None, "--ram", help="Memory promise for the whole process, e.g. 8GB."),
+    cache: str = typer.Option(None, "--cache", help="Or the expert cache directly: bytes or a percentage of all expert bytes (25%), as `run --cache`."),
+    disk: str = typer.Option(None, "--disk", help="Disk budget of a remote model's store (default: unlimited)."),
+    profile_path: str = typer.Option(None, "--profile", help="A domain profile: misses from its slice popularity."),
+    trace_path: str = typer.Option(None, "--trace", help="A routing trace (.npz): misses replayed through the cache."),
+    policy: str = typer.Option("lru", "--policy", help="Cache policy for --trace replay: lru, lfu, cycle."),
+    compute_tps: float = typer.Option(None, "--compute-tps", help="Decode tokens/s with every slice in RAM (e.g. from `run --cache 100%`); default: the memory-bandwidth bound."),
+    disk_gbps: float = typer.Option(None, "--disk-gbps", help="Disk read bandwidth in GB/s (default: measured)."),
+    net_gbps: float = typer.Option(None, "--net-gbps", help="Network bandwidth in GB/s (default: measured on the remote)."),
+    latency_ms: float = typer.Option(None, "--latency-ms", help="Network request latency in ms (default: measured)."),
+    store: str = typer.Option(None, "--store", help=STORE_HELP),
+    offline: bool = typer.Option(None, "--offline/--online", help=OFFLINE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Plan a fit from headers only: what fits in --ram (and a remote model's store in --disk), the RAM cache's hit
+    rate, bytes per token from disk and network, and a predicted decode speed from measured bandwidths."""
+    from .remote import resolve_layout
+    from .tools.fit import Bandwidths, disk_bandwidth, memory_bandwidth, plan_fit
+
+    if profile_path and trace_path:
+        raise ExpertPagerError("give --profile or --trace, not both")
+    if (ram is None) == (cache is None):
+        raise ExpertPagerError("give exactly one of --ram SIZE (the whole process) or --cache SIZE|PCT")
+    disk_bytes = parse_size(disk) if disk else None
+    layout, remote = resolve_layout(model, store, None, offline)
+    prof = _profile_for(profile_path, layout) if profile_path else None
+    tr = None
+    if trace_path:
+        from .tools.trace import load_trace
+
+        tr = load_trace(trace_path)
+        if [int(l) for l in tr.layers] != list(layout.moe_layers) or tr.num_experts != layout.num_experts:
+            raise ExpertPagerError(f"{trace_path}: the trace is of a model with other MoE layers or experts than this one")
+    if remote is None:
+        disk_rate = disk_gbps * 1e9 if disk_gbps else disk_bandwidth(layout)
+        bw = Bandwidths(disk_rate, memory_bandwidth())
+        fixed = 0
+    else:
+        disk_rate = disk_gbps * 1e9 if disk_gbps else disk_bandwidth(folder=str(remote.folder))
+        net, latency = (None, None) if net_gbps and latency_ms is not None else remote.measure_network()
+        bw = Bandwidths(disk_rate, memory_bandwidth(), net_gbps * 1e9 if net_gbps else net,
+                        latency_ms / 1e3 if latency_ms is not None else latency)
+        fixed = remote.fixed_bytes
+    fit = plan_fit(layout, ram, disk_bytes, remote is not None, bw, prof, tr, compute_tps, policy,
+                   fixed_disk_bytes=fixed, cache=cache)
+    info = {"model": model, **fit.to_dict()}
+    if json_out:
+        print(json.dumps(info))
+        return
+    t = Table(title=f"plan for {model}", show_header=False)
+    rows = [("RAM", f"expert cache {format_size(fit.cache_bytes)}") if fit.ram is None else ("RAM", f"{format_size(fit.ram)} = resident {format_size(fit.resident_bytes)} + reserve "
+                    f"{format_size(fit.reserve_bytes)} + cache {format_size(max(fit.cache_bytes, 0))}"),
+            ("fits", "yes" if fit.fits else "no: the cache cannot hold one layer's top-k slices"),
+            ("cache", f"{fit.cache_slices} of {fit.num_slices} slices ({fit.cache_fraction:.1%})"),
+            ("expert bytes per token", format_size(fit.bytes_per_token)),
+            (f"hit rate ({fit.routing})", f"{fit.hit_rate:.1%}"),
+            ("RAM misses per token", format_size(fit.miss_bytes_per_token))]
+    if remote is not None:
+        held = "all" if fit.store_slices == fit.num_slices else f"{fit.store_slices}"
+        rows += [("store on disk", f"{held} slices ({'unlimited' if disk_bytes is None else format_size(disk_bytes)})"),
+                 ("misses served from disk", f"{fit.store_share:.1%}"),
+                 ("network per token", f"{format_size(fit.network_bytes_per_token)} "
+                                       f"({fit.network_requests_per_token:.2f} requests)")]
+    b = fit.bandwidths
+    rows += [("bandwidth", f"disk {b['disk'] / 1e9:.2f} GB/s, memory {b['memory'] / 1e9:.1f} GB/s"
+                           + (f", network {b['network'] / 1e9:.3f} GB/s, latency {b['latency'] * 1e3:.1f} ms" if remote else "")),
+             ("compute alone", f"{fit.compute_tokens_per_s:.1f} tokens/s"),
+             ("predicted decode", f"{fit.predicted_tokens_per_s:.2f} tokens/s")]
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)

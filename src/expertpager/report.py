@@ -35,10 +35,7 @@ def describe(layout: Layout, max_memory: int | None = None) -> dict:
             for l in layout.moe_layers),
     }
     if max_memory is not None:
-        from .runtime.load import DEFAULT_EXPERT_CACHE, compute_dtype, expert_tier, plan_budget, resolve_tier
+        from .runtime.load import memory_plan
 
-        tier = resolve_tier(layout, DEFAULT_EXPERT_CACHE)
-        dtype = compute_dtype(layout, "auto", tier)
-        decoder, _ = expert_tier(layout, DEFAULT_EXPERT_CACHE, dtype)
-        out["plan"] = plan_budget(layout, max_memory, None, decoder, dtype=dtype, tier=tier).to_dict()
+        out["plan"] = memory_plan(layout, max_memory).to_dict()
     return out

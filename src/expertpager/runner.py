@@ -38,18 +38,25 @@ def load_tokenizer(path: str):
         return None
 
 
-def load_resident(path: str, **load_options) -> PreTrainedModel:
-    """The same checkpoint fully in memory: an HF safetensors checkpoint through plain transformers; a GGUF or a
-    repacked store through the same paged code with every slice cached and loaded first (load_all_cached, with
-    the tier, dtype, I/O and progress options of `load_options`; budgets and predictors do not apply)."""
-    from .model.read_layout import read_layout
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt token ids for a conversation through the tokenizer's chat template, ready for the reply."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    layout = read_layout(path)
-    if layout.format != "safetensors":
-        keep = ("expert_cache", "dtype", "quantize", "io", "threads", "progress")
+
+def load_resident(path: str, **load_options) -> PreTrainedModel:
+    """The same checkpoint fully in memory: a local HF safetensors checkpoint through plain transformers; a GGUF, a
+    repacked store or a remote model through the same paged code with every slice cached and loaded first
+    (load_all_cached, with the tier, dtype, I/O, store and progress options of `load_options`; budgets and
+    predictors do not apply)."""
+    from .model.read_layout import read_layout
+    from .remote import is_remote
+
+    if is_remote(str(path)) or read_layout(path).format != "safetensors":
+        keep = ("expert_cache", "dtype", "quantize", "io", "threads", "progress", "store", "disk", "offline")
         return load_all_cached(path, **{k: v for k, v in load_options.items() if k in keep})
     with no_transformers_bars():
-        return AutoModelForCausalLM.from_pretrained(layout.path).eval()
+        return AutoModelForCausalLM.from_pretrained(read_layout(path).path).eval()
 
 
 @dataclass
@@ -78,10 +85,13 @@ def run_once(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int,
     pager = getattr(model, "pager", None)
     if pager is not None:
         s = pager.stats_snapshot()
-        stats.update(hit_rate=s.hit_rate, prefetch_hit_rate=s.prefetch_hits / s.prefetch_issued if s.prefetch_issued else 0.0,
+        stats.update(hit_rate=s.hit_rate, prefetch_hit_rate=s.prefetch_hit_rate,
                      hits=s.hits, misses=s.misses, bytes_read=s.bytes_read, stall_seconds=s.stall_seconds,
                      read_gbps=s.read_gbps, cache_bytes=pager.pool_bytes, cache_slots=pager.num_slots,
                      expert_bytes=model.layout.expert_bytes, policy=type(pager.policy).__name__.lower())
+        store = getattr(model, "store", None)
+        if store is not None:
+            stats.update(store.stats().to_dict())
     else:
         stats.update(hit_rate=1.0, prefetch_hit_rate=0.0, bytes_read=0, stall_seconds=0.0, cache_bytes=0)
     text = tokenizer.decode(gen.tokens, skip_special_tokens=True) if tokenizer is not None else None

@@ -10,9 +10,15 @@ RUNTIME_OVERHEAD = 1024 * MiB
 """Python, torch, transformers and tokenizer loaded and running. RSS counts the shared libraries' file pages the
 process has mapped, which depends on what the page cache holds: measured 590-1,040 MiB less resident + cache on
 Linux, torch 2.13 CPU, for the same run."""
+COMPACT_RUNTIME_OVERHEAD = 640 * MiB
+"""The same for a GGUF in the compact tier, whose resident tensors load one at a time (no transformers loading):
+measured on a 4.96 GB Q4_K_M file, 64-token prompt, 350 MB cache, 637 MB resident: peak anonymous RSS 1,457 MB (470
+MB over resident + cache) plus 111 MB of mapped library pages."""
 ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN = 64
 """Prefill activations: a generous multiple of tokens x hidden x 4 bytes kept live at once."""
 DEFAULT_CONTEXT = 4096
+PREFILL_CHUNK = 1024
+"""Prompt tokens per forward pass (runtime/generate.py): prefill activations stay bounded by this many tokens."""
 
 
 @dataclass(frozen=True)
@@ -57,12 +63,12 @@ def hidden_size(layout: Layout) -> int:
     return _geometry(layout)[0]
 
 
-def reserve_bytes(layout: Layout, context_tokens: int = DEFAULT_CONTEXT) -> int:
-    """Runtime overhead + bf16 KV cache for `context_tokens` + prefill activations."""
+def reserve_bytes(layout: Layout, context_tokens: int = DEFAULT_CONTEXT, overhead: int = RUNTIME_OVERHEAD) -> int:
+    """Runtime `overhead` + bf16 KV cache for `context_tokens` + activations of one prefill chunk."""
     hidden, kv_width, layers = _geometry(layout)
     kv = 2 * layers * kv_width * context_tokens * 2
-    activations = ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN * hidden * min(context_tokens, 2048)
-    return RUNTIME_OVERHEAD + kv + activations
+    activations = ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN * hidden * min(context_tokens, PREFILL_CHUNK)
+    return overhead + kv + activations
 
 
 def resident_in_memory(layout: Layout, itemsize: int | None) -> int:
@@ -74,9 +80,11 @@ def resident_in_memory(layout: Layout, itemsize: int | None) -> int:
 
 
 def plan_memory(layout: Layout, max_memory: int, slot_bytes: int | None = None,
-                context_tokens: int = DEFAULT_CONTEXT, staging: int = 0, resident: int | None = None) -> MemoryPlan:
-    """Split `max_memory` (the whole process) into resident + reserve + cache of slots of `slot_bytes`."""
-    reserve = reserve_bytes(layout, context_tokens)
+                context_tokens: int = DEFAULT_CONTEXT, staging: int = 0, resident: int | None = None,
+                overhead: int = RUNTIME_OVERHEAD) -> MemoryPlan:
+    """Split `max_memory` (the whole process) into resident + reserve (runtime `overhead` included) + cache of slots
+    of `slot_bytes`."""
+    reserve = reserve_bytes(layout, context_tokens, overhead)
     resident = layout.resident_bytes if resident is None else resident
     return plan_cache(layout, max_memory - resident - reserve, slot_bytes, max_memory, reserve, staging, resident)
 

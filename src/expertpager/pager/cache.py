@@ -13,6 +13,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from .residency import Residency
 from .stats import Stats, StatsSnapshot
 
 Verify = Callable[[SliceKey, dict[str, np.ndarray]], None]
+Source = Callable[[SliceKey], AbstractContextManager]
 
 
 class SliceBuffer:
@@ -144,7 +146,8 @@ class SliceCache:
     largest size the budget must hold; verify(key, views): called after each read, before the slice is served;
     wait_timeout: seconds a pin waits for a slot to be released before giving up; decode: a Decoder whose output
     the slots hold instead of the raw bytes (raw bytes go to staging buffers, counted in the budget, and are
-    verified there before decoding).
+    verified there before decoding); source(key): a context manager that makes the slice's files present while it
+    is read (a local store of a remote checkpoint; its files are then opened per read, as the store may replace them).
     """
 
     def __init__(
@@ -158,6 +161,7 @@ class SliceCache:
         verify: Verify | None = None,
         wait_timeout: float = 60.0,
         decode: Decoder | None = None,
+        source: Source | None = None,
     ):
         if not slices:
             raise ExpertPagerError("no expert slices to cache")
@@ -172,7 +176,8 @@ class SliceCache:
             needs = {k: decode.slot_bytes(k) for k in needs}
         self.staging_bytes = stage_size * stages
         slot_sizes = plan_slots(list(needs.values()), budget, min_pinned, self.staging_bytes)
-        self._files = Files({r.file for p in self._plans.values() for r in p.runs}, io)
+        self._files = Files({r.file for p in self._plans.values() for r in p.runs}, io, keep_open=source is None)
+        self._source = source or (lambda key: nullcontext())
         self._pool = SlotPool(slot_sizes + [stage_size] * stages)
         self._slots = [_Slot(i, self._pool.slot(i), self._pool.offsets[i]) for i in range(len(slot_sizes))]
         self._decode = decode
@@ -229,6 +234,11 @@ class SliceCache:
         """Keys loaded and ready now."""
         with self._lock:
             return list(self._ready)
+
+    def occupancy(self) -> dict[SliceKey, tuple[int, int]]:
+        """Each slice loaded now -> (its slot's bytes, pins held on it), read together under the lock."""
+        with self._lock:
+            return {k: (self._pool.sizes[s.index], s.pins) for k, s in self._ready.items()}
 
     def stats_snapshot(self) -> StatsSnapshot:
         with self._lock:
@@ -444,8 +454,9 @@ class SliceCache:
 
     def _read(self, key: SliceKey, memory: memoryview, base: int) -> dict[str, np.ndarray]:
         """Read the slice's raw bytes into `memory` (at pool offset `base`) and verify them; the parts' views by role."""
-        for run in self._plans[key].runs:
-            self._files.read(run, memory)
+        with self._source(key):
+            for run in self._plans[key].runs:
+                self._files.read(run, memory)
         views = self._views(base, self._plans[key].views)
         if self._verify is not None:
             self._verify(key, views)

@@ -40,46 +40,58 @@ def _open_direct(path: str) -> int:
 
 
 class Files:
-    """One open descriptor per file in its effective mode; thread-safe positional reads into slots."""
+    """One open descriptor per file in its effective mode; thread-safe positional reads into slots. keep_open=False
+    instead opens and closes a file around each read (files that a store may create, delete and replace)."""
 
-    def __init__(self, paths: Iterable[str], mode: str = "auto"):
+    def __init__(self, paths: Iterable[str], mode: str = "auto", keep_open: bool = True):
         if mode not in MODES:
             raise ExpertPagerError(f"unknown io mode {mode!r}: use one of {', '.join(MODES)}")
         self.requested = mode
+        self.keep_open = keep_open
         self.modes: dict[str, str] = {}
         self._fds: dict[str, int] = {}
         self._retired: list[int] = []
         self._lock = threading.Lock()
-        for path in sorted(set(paths)):
-            self._open(path)
+        if keep_open:
+            for path in sorted(set(paths)):
+                self._open(path)
 
-    def _open(self, path: str) -> None:
+    def _open(self, path: str) -> tuple[int, str]:
+        """A new descriptor for `path` in its mode (found at its first open), recorded when files are kept open."""
+        mode = self.modes.get(path, self.requested)
         try:
-            if self.requested in ("auto", "direct"):
+            if mode in ("auto", "direct"):
                 try:
-                    self._fds[path], self.modes[path] = _open_direct(path), "direct"
-                    return
+                    fd, mode = _open_direct(path), "direct"
                 except OSError as e:
-                    if e.errno != errno.EINVAL or self.requested == "direct":
+                    if e.errno != errno.EINVAL or mode == "direct":
                         raise
-            self._fds[path] = os.open(path, os.O_RDONLY)
-            self.modes[path] = "buffered" if self.requested == "buffered" else "buffered+dontneed"
+                    fd, mode = os.open(path, os.O_RDONLY), "buffered+dontneed"
+            else:
+                fd = os.open(path, os.O_RDONLY)
         except OSError as e:
             raise ExpertPagerError(f"cannot open {path} for io mode {self.requested!r}: {e.strerror}") from e
+        self.modes[path] = mode
+        if self.keep_open:
+            self._fds[path] = fd
+        return fd, mode
 
     def _fall_back(self, path: str, fd: int) -> None:
         """The filesystem accepted O_DIRECT at open but refuses the reads: switch this file to buffered."""
         with self._lock:
-            if self._fds[path] != fd:
+            self.modes[path] = "buffered+dontneed"
+            if not self.keep_open or self._fds[path] != fd:
                 return
             self._retired.append(fd)
             self._fds[path] = os.open(path, os.O_RDONLY)
-            self.modes[path] = "buffered+dontneed"
 
     def read(self, run: Run, slot: memoryview) -> None:
         """Fill the slot with the run's bytes; raise ExpertPagerError naming file and offset if any are missing."""
         while True:
-            fd, mode = self._fds[run.file], self.modes[run.file]
+            if self.keep_open:
+                fd, mode = self._fds[run.file], self.modes[run.file]
+            else:
+                fd, mode = self._open(run.file)
             try:
                 if mode == "direct":
                     self._read_direct(fd, run, slot)
@@ -93,6 +105,9 @@ class Files:
                 raise ExpertPagerError(
                     f"cannot read {run.file} at offset {run.need_start} ({run.need_end - run.need_start} bytes): {e.strerror}"
                 ) from e
+            finally:
+                if not self.keep_open:
+                    os.close(fd)
 
     @staticmethod
     def _read_direct(fd: int, run: Run, slot: memoryview) -> None:

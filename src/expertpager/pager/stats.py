@@ -41,12 +41,22 @@ class Counts:
         return self.hits / self.pins if self.pins else 0.0
 
     @property
+    def prefetch_hit_rate(self) -> float:
+        """Fraction of prefetches that a pin then used."""
+        return self.prefetch_hits / self.prefetch_issued if self.prefetch_issued else 0.0
+
+    @property
     def read_gbps(self) -> float:
         """Read throughput per reading thread, in 10^9 bytes per second."""
         return self.bytes_read / self.read_seconds / 1e9 if self.read_seconds else 0.0
 
+    def since(self, before: "Counts") -> "Counts":
+        """The counts added after `before` was taken (a window of work, e.g. one request)."""
+        return Counts(**{name: getattr(self, name) - getattr(before, name) for name in COUNTERS})
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "pins": self.pins, "hit_rate": self.hit_rate, "read_gbps": self.read_gbps}
+        return {**asdict(self), "pins": self.pins, "hit_rate": self.hit_rate,
+                "prefetch_hit_rate": self.prefetch_hit_rate, "read_gbps": self.read_gbps}
 
 
 @dataclass

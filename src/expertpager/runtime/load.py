@@ -14,8 +14,8 @@ from transformers.utils import logging as hf_logging
 from ..errors import ExpertPagerError
 from ..model.gguf_config import gguf_arch
 from ..model.layout import ExpertSlice, Layout, SliceKey
-from ..model.plan import MemoryPlan, plan_cache, plan_memory, resident_in_memory
-from ..model.read_layout import read_layout
+from ..model.plan import COMPACT_RUNTIME_OVERHEAD, RUNTIME_OVERHEAD, MemoryPlan, plan_cache, plan_memory, resident_in_memory
+from ..remote import Store, resolve_layout
 from ..pager import Decoder, SliceCache, checksum_verifier
 from ..pager.replay import slot_needs
 from ..progress import progress_bar
@@ -169,10 +169,21 @@ def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int |
         itemsize = dtype.itemsize if dtype is not None and layout.weights_format == "gguf" else None
         compact_resident = tier == "compact" and layout.weights_format == "gguf"
         resident = resident_held(layout) if compact_resident else resident_in_memory(layout, itemsize)
-        plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging, resident=resident + extra_resident)
+        plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging, resident=resident + extra_resident,
+                           overhead=COMPACT_RUNTIME_OVERHEAD if compact_resident else RUNTIME_OVERHEAD)
     else:
         plan = plan_cache(layout, sum(needs) + staging, slot, staging=staging)
     return plan
+
+
+def memory_plan(layout: Layout, max_memory: str | int | None, expert_cache: str = DEFAULT_EXPERT_CACHE,
+                cache: str | int | None = None) -> MemoryPlan:
+    """How `max_memory` (or an expert cache of `cache`) splits for this layout in the tier `expert_cache` picks, as
+    `load` would split it (what `inspect --max-memory` shows)."""
+    tier = resolve_tier(layout, expert_cache)
+    dtype = compute_dtype(layout, "auto", tier)
+    decoder, _ = expert_tier(layout, expert_cache, dtype)
+    return plan_budget(layout, max_memory, cache, decoder, dtype=dtype, tier=tier)
 
 
 def resident_held(layout: Layout) -> int:
@@ -227,7 +238,8 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
          dtype: torch.dtype | str = "auto", expert_cache: str = DEFAULT_EXPERT_CACHE,
          predictors: "str | Sequence[str | Predictor] | None" = None, profiles: str | Path | None = None,
          speculator: "str | Path | Speculator | bool | None" = None, progress: bool = False,
-         quantize: str | None = None, extra_resident: int = 0) -> PreTrainedModel:
+         quantize: str | None = None, store: "str | Path | Store | None" = None, disk: str | int | None = None,
+         offline: bool | None = None, extra_resident: int = 0) -> PreTrainedModel:
     """A transformers causal LM for `model_ref` with paged experts; `model.pager` is its SliceCache.
 
     max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
@@ -240,8 +252,16 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     `model.speculator` is the one in use. progress: a bar on stderr while a GGUF's resident tensors load.
     quantize: "int4" or "int8" holds a float checkpoint's experts in the compact tier (round to nearest per group
     of 32, or per row), computing in bfloat16; resident weights stay as loaded. extra_resident: bytes the caller
-    will hold beside the model (calibration statistics), counted against max_memory."""
-    layout = read_layout(model_ref)
+    will hold beside the model (calibration statistics), counted against max_memory.
+    A remote `model_ref` (hf://org/name, https://.../model.gguf, a folder URL) runs from its local store (`store`: a
+    folder or an open Store; default under the HF cache) under a disk budget `disk`; `offline` (default: the Hub's
+    offline mode) uses only what the store holds; `model.store` is the Store, or None for a local checkpoint."""
+    if isinstance(store, Store):
+        layout, remote = store.layout, store
+    else:
+        layout, remote = resolve_layout(str(model_ref), store, parse_size(disk) if disk is not None else None, offline)
+    if remote is not None:
+        remote.fetch_resident(progress)
     tier = resolve_tier(layout, expert_cache, quantize)
     dtype = compute_dtype(layout, dtype, tier)
     decoder, served = expert_tier(layout, expert_cache, dtype, quantize)
@@ -271,7 +291,8 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
                                 extra_resident + model.speculator.nbytes, tier)
     verify = checksum_verifier(layout.slices, layout.checksums) if layout.checksums else None
     pager = SliceCache(layout.slices, plan.cache_bytes, policy=policy, io=io, threads=threads,
-                       min_pinned=layout.experts_per_token, verify=verify, decode=decoder)
+                       min_pinned=layout.experts_per_token, verify=verify, decode=decoder,
+                       source=remote.hold if remote is not None else None)
     for module in model.modules():
         if isinstance(module, PagedExperts):
             module.cache = pager
@@ -283,6 +304,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
             if not prefetch:
                 module.chunk = pager.num_slots
     model.pager = pager
+    model.store = remote
     model.layout = layout
     model.memory_plan = plan
     model.prefetcher = Prefetcher(model, chosen) if chosen else None
@@ -290,13 +312,14 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
 
 
 def load_all_cached(model_ref: str | Path, expert_cache: str = DEFAULT_EXPERT_CACHE, dtype: torch.dtype | str = "auto",
-                    quantize: str | None = None, io: str = "auto", threads: int = 4,
-                    progress: bool = False) -> PreTrainedModel:
+                    quantize: str | None = None, io: str = "auto", threads: int = 4, progress: bool = False,
+                    **remote) -> PreTrainedModel:
     """`model_ref` fully in memory through the paged code: a cache that holds every slice in the same tier and
     dtype, every slice loaded before this returns, the cache's counters reset (so a run reads nothing and hits
-    every time). How a GGUF or a repacked store runs "resident", to compare with its paged runs."""
+    every time). How a GGUF or a repacked store runs "resident", to compare with its paged runs; `remote`: load's
+    store, disk and offline for a remote model."""
     model = load(model_ref, expert_cache=expert_cache, dtype=dtype, quantize=quantize, io=io, threads=threads,
-                 prefetch=False, progress=progress)
+                 prefetch=False, progress=progress, **remote)
     layers = sorted({layer for layer, _ in model.layout.slices})
     with progress_bar(f"loading {len(model.layout.slices)} expert slices", len(layers), progress) as advance:
         for layer in layers:

@@ -1,0 +1,318 @@
+"""The local store of a remote checkpoint: its skeleton (headers, small files, resident tensors fetched once) and
+one file per expert slice fetched so far, under a disk budget. A slice the pager misses is looked up here and, if
+absent, fetched by HTTP range, verified (its SHA-256 where the checkpoint is a repacked one with a manifest, else
+every byte of its length), written under a temporary name and renamed. Over budget, the least recently used slices
+not being read are deleted (recency survives between runs as the files' mtimes). Offline, only what the store holds is used, and a missing slice is named."""
+
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..errors import ExpertPagerError
+from ..model.layout import ExpertSlice, Layout, SliceKey, TensorPart
+from ..model.manifest import slice_digest
+from ..model.read_layout import read_layout
+from ..pager.reads import plan_reads
+from .http import RangeClient
+from .refs import RemoteFile, RemoteModel
+from .skeleton import fetch_ranges, pwrite_all, skeleton_bytes, write_atomic
+
+STORE_FILE = "store.json"
+SLICES = "slices"
+
+
+@dataclass
+class StoreStats:
+    """Store counters: lookups served from disk (hits) or fetched (misses), bytes fetched remotely (slices, headers,
+    resident), seconds spent fetching (summed over threads), requests, retries and evictions."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    remote_bytes: int = 0
+    remote_seconds: float = 0.0
+    remote_requests: int = 0
+    remote_retries: int = 0
+    store_bytes: int = 0
+    disk_budget: int | None = None
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+    def to_dict(self) -> dict:
+        return {"store_hits": self.hits, "store_misses": self.misses, "store_hit_rate": self.hit_rate,
+                "store_evictions": self.evictions, "remote_bytes": self.remote_bytes,
+                "remote_seconds": self.remote_seconds, "remote_requests": self.remote_requests,
+                "remote_retries": self.remote_retries, "store_bytes": self.store_bytes, "disk_budget": self.disk_budget}
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a store slice's bytes come from: per run, (remote file, [start, end) of the remote file, offset in the
+    slice file)."""
+
+    runs: tuple[tuple[RemoteFile, int, int, int], ...]
+    size: int
+    sha256: str | None
+
+
+class Store:
+    """A remote checkpoint's local store in `folder`. `layout` is the checkpoint as the pager reads it: resident
+    tensors in the skeleton, each expert slice in its own file (parts at their remote offsets modulo 4 KiB, so
+    alignment, and with it every result, is that of the local checkpoint). `hold(key)` makes a slice's file present
+    and keeps it while held."""
+
+    def __init__(self, folder: Path, model: RemoteModel, layout: Layout, fixed_bytes: int, disk: int | None,
+                 client: RangeClient, offline: bool):
+        self.folder, self.model, self.client, self.offline = folder, model, client, offline
+        self.remote_layout = layout
+        self.disk = disk
+        self._fixed = fixed_bytes
+        self._reserved = 0
+        self._lock = threading.Lock()
+        self._held: dict[SliceKey, int] = {}
+        self._fetching: dict[SliceKey, threading.Event] = {}
+        self._stats = StoreStats(disk_budget=disk)
+        by_path = {str(folder / n): model.files[n] for n in model.weights}
+        self._sources: dict[SliceKey, _Source] = {}
+        slices: dict[SliceKey, ExpertSlice] = {}
+        for key, s in layout.slices.items():
+            slices[key], self._sources[key] = self._local_slice(s, by_path, layout.checksums.get(key))
+        self.layout = replace(layout, slices=slices, files=sorted({t.file for t in layout.resident}))
+        self._check_budget(0)
+        self._present: OrderedDict[SliceKey, int] = self._scan()
+        with self._lock:
+            self._make_room(0, None)  # the budget may be smaller than last time
+
+    # -- layout ----------------------------------------------------------------------------------------------
+
+    def slice_size(self, key: SliceKey) -> int:
+        """Bytes the slice's store file takes."""
+        return self._sources[key].size
+
+    def slice_path(self, key: SliceKey) -> Path:
+        return self.folder / SLICES / f"{key[0]:04d}-{key[1]:04d}.bin"
+
+    def _local_slice(self, s: ExpertSlice, by_path: dict[str, RemoteFile], sha: str | None) -> tuple[ExpertSlice, _Source]:
+        """The slice as its store file holds it: the read plan's slot image (runs back to back, each at its 4 KiB
+        block), so each part keeps its remote offset modulo 4 KiB."""
+        plan, path = plan_reads(s), str(self.slice_path(s.key))
+        parts, runs = [], []
+        for run in plan.runs:
+            runs.append((by_path[run.file], run.need_start, run.need_end, run.slot_offset + run.need_start - run.start))
+        for p in s.parts:
+            run = next(r for r in plan.runs if r.file == p.file and r.need_start <= p.offset < r.need_end)
+            parts.append(replace(p, file=path, offset=run.slot_offset + p.offset - run.start))
+        size = max(at + end - start for _, start, end, at in runs)
+        return ExpertSlice(s.layer, s.expert, tuple(sorted(parts, key=lambda p: p.offset))), _Source(tuple(runs), size, sha)
+
+    def _scan(self) -> "OrderedDict[SliceKey, int]":
+        """Slices already in the store (complete files only: they were renamed into place), oldest use first."""
+        found = []
+        folder = self.folder / SLICES
+        for entry in os.scandir(folder) if folder.is_dir() else ():
+            if entry.name.startswith("."):
+                os.unlink(entry.path)  # a fetch cut short
+                continue
+            try:
+                key = tuple(int(x) for x in entry.name.removesuffix(".bin").split("-"))
+            except ValueError:
+                continue
+            st = entry.stat()
+            if key in self._sources and st.st_size == self._sources[key].size:
+                found.append((st.st_mtime, key, st.st_size))
+            else:
+                os.unlink(entry.path)
+        return OrderedDict((key, size) for _, key, size in sorted(found))
+
+    # -- facts -------------------------------------------------------------------------------------------------
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Bytes the store needs besides slices: headers, small files and the resident tensors (fetched or not)."""
+        return self._fixed + (0 if self._meta().get("resident") else sum(t.length for t in self.remote_layout.resident))
+
+    @property
+    def used_bytes(self) -> int:
+        return self._fixed + self._reserved + sum(self._present.values())
+
+    def present(self) -> list[SliceKey]:
+        with self._lock:
+            return list(self._present)
+
+    def missing(self) -> list[SliceKey]:
+        with self._lock:
+            return [k for k in self._sources if k not in self._present]
+
+    def stats(self) -> StoreStats:
+        t = self.client.transfer
+        with self._lock:
+            s = replace(self._stats, store_bytes=self.used_bytes)
+        s.remote_bytes, s.remote_seconds, s.remote_requests, s.remote_retries = t.bytes, t.seconds, t.requests, t.retries
+        return s
+
+    # -- slices ------------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def hold(self, key: SliceKey) -> Iterator[None]:
+        """Make the slice's file present (fetching it if absent) and keep it from eviction while held."""
+        with self._lock:
+            self._held[key] = self._held.get(key, 0) + 1
+        try:
+            self.ensure(key)
+            yield
+        finally:
+            with self._lock:
+                self._held[key] -= 1
+                if not self._held[key]:
+                    del self._held[key]
+
+    def ensure(self, key: SliceKey) -> bool:
+        """Make the slice's file present; True when it had to be fetched."""
+        while True:
+            with self._lock:
+                if key in self._present:
+                    self._present.move_to_end(key)
+                    self._stats.hits += 1
+                    self._touch(key)
+                    return False
+                waiting = self._fetching.get(key)
+                if waiting is None:
+                    if self.offline:
+                        raise ExpertPagerError(self._missing_message([key]))
+                    self._fetching[key] = threading.Event()
+                    self._stats.misses += 1
+                    break
+            waiting.wait()
+        try:
+            self._fetch(key)
+        finally:
+            with self._lock:
+                self._fetching.pop(key).set()
+        return True
+
+    def _touch(self, key: SliceKey) -> None:
+        """Record the use in the file's mtime, so a later run evicts in the same order."""
+        try:
+            os.utime(self.slice_path(key))
+        except FileNotFoundError:
+            pass
+
+    def _fetch(self, key: SliceKey) -> None:
+        """Fetch the slice's runs into an image of its file, verify it, make room, write it atomically."""
+        src = self._sources[key]
+        image = bytearray(src.size)
+        for f, start, end, at in src.runs:
+            image[at: at + end - start] = self.client.read(f.url, start, end - start, self.model.headers, f.etag)
+        if src.sha256 is not None:
+            local = {p.role: p for p in self.layout.slices[key].parts}
+            parts = sorted(self.remote_layout.slices[key].parts, key=lambda p: (p.file, p.offset))
+            if slice_digest(image[local[p.role].offset: local[p.role].offset + p.length] for p in parts) != src.sha256:
+                raise ExpertPagerError(f"{src.runs[0][0].url}: expert slice {key} (layer, expert) arrived with the wrong "
+                                       "SHA-256 (the manifest disagrees); it was not stored")
+        with self._lock:
+            self._make_room(src.size, key)
+            self._reserved += src.size  # so parallel fetches leave room for this one
+        try:
+            write_atomic(self.slice_path(key), src.size, lambda fd: pwrite_all(fd, image, 0))
+            with self._lock:
+                self._present[key] = src.size
+        finally:
+            with self._lock:
+                self._reserved -= src.size
+
+    def _make_room(self, size: int, key: SliceKey) -> None:
+        """Under the lock: delete least recently used slices not held until `size` more bytes fit the budget."""
+        if self.disk is None:
+            return
+        victims = iter([k for k in self._present if k not in self._held and k not in self._fetching])
+        while self.used_bytes + size > self.disk:
+            victim = next(victims, None)
+            if victim is None:
+                raise ExpertPagerError(f"{self.folder}: the disk budget of {self.disk:,} bytes is too small for slice "
+                                       f"{key}: {self.used_bytes:,} bytes are resident tensors, headers and slices "
+                                       "in use; raise --disk")
+            del self._present[victim]
+            self.slice_path(victim).unlink(missing_ok=True)
+            self._stats.evictions += 1
+
+    def _check_budget(self, extra: int) -> None:
+        if self.disk is not None and self._fixed + extra > self.disk:
+            raise ExpertPagerError(f"{self.folder}: the disk budget of {self.disk:,} bytes is smaller than the "
+                                   f"headers and resident tensors ({self._fixed + extra:,} bytes); raise --disk")
+
+    def _missing_message(self, keys: list[SliceKey]) -> str:
+        n = len(self._sources) - len(self._present)
+        return (f"{self.model.ref}: offline, and expert slice {keys[0]} (layer, expert) is not in the store "
+                f"{self.folder} ({len(self._present)} of {len(self._sources)} slices are; {n} missing); "
+                f"fetch them online first with: expertpager pull {self.model.ref}")
+
+    def fetch_many(self, keys: Iterable[SliceKey], threads: int = 4, advance=lambda: None) -> int:
+        """Fetch the slices of `keys` not yet present (in parallel); returns how many were fetched."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(key: SliceKey) -> bool:
+            fetched = self.ensure(key)
+            advance()
+            return fetched
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return sum(pool.map(one, list(keys)))
+
+    def measure_network(self, sample_bytes: int = 32 << 20, threads: int = 4) -> tuple[float, float]:
+        """(bytes/s of slice-sized range reads, `threads` at a time; seconds of one 1-byte read, the median of 3),
+        measured against the remote on up to `sample_bytes` of slices; nothing is stored."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        keys = sorted(self._sources)
+        runs = [r for k in keys[:: max(1, len(keys) * self.layout.slice_bytes // sample_bytes)] for r in self._sources[k].runs]
+        first = runs[0][0]
+        pings = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            self.client.read(first.url, 0, 1, self.model.headers)
+            pings.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            got = sum(pool.map(lambda r: len(self.client.read(r[0].url, r[1], r[2] - r[1], self.model.headers)), runs))
+        return got / (time.perf_counter() - t0), sorted(pings)[1]
+
+    # -- resident tensors ----------------------------------------------------------------------------------------
+
+    def fetch_resident(self, progress: bool = False) -> None:
+        """Fetch the resident tensors into the skeleton once (marked done in store.json only after fsync)."""
+        meta = self._meta()
+        if meta.get("resident"):
+            return
+        if self.offline:
+            raise ExpertPagerError(f"{self.model.ref}: offline, and the store {self.folder} does not hold the resident "
+                                   f"tensors yet; run `expertpager pull {self.model.ref}` online first")
+        from ..progress import progress_bar
+
+        by_file: dict[str, list[tuple[int, int]]] = {}
+        for t in self.remote_layout.resident:
+            by_file.setdefault(t.file, []).append((t.offset, t.offset + t.length))
+        total = sum(e - s for r in by_file.values() for s, e in r)
+        self._check_budget(total)
+        with progress_bar(f"fetching resident tensors ({total / 2**20:.0f} MiB)", max(total >> 20, 1), progress) as advance:
+            for path, ranges in by_file.items():
+                name = Path(path).relative_to(self.folder).as_posix()
+                fetch_ranges(Path(path), self.model.files[name], ranges, self.model, self.client,
+                             lambda n: [advance() for _ in range(n >> 20)])
+        self._fixed = skeleton_bytes(self.folder, self.model)
+        self._write_meta({**meta, "resident": True})
+
+    def _meta(self) -> dict:
+        return json.loads((self.folder / STORE_FILE).read_text())
+
+    def _write_meta(self, meta: dict) -> None:
+        raw = json.dumps(meta, indent=1).encode()
+        write_atomic(self.folder / STORE_FILE, len(raw), lambda fd: pwrite_all(fd, raw, 0))

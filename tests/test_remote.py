@@ -1,0 +1,244 @@
+"""Remote checkpoints over real HTTP on loopback: folder URLs, hf:// through huggingface_hub's own client against a
+Hub-style server, repacked checkpoints with per-slice SHA-256; the same logits as the local checkpoint; a disk budget;
+faults injected in the server; offline runs from the store."""
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from expertpager.cli import app
+from expertpager.errors import ExpertPagerError
+from expertpager.model.read_layout import read_layout
+from expertpager.remote import RangeClient, open_store
+from expertpager.runtime.load import load
+from expertpager.runtime.profiles import Profile, save_profile
+from expertpager.tools.export_gguf import export_gguf
+from expertpager.tools.repack import repack
+from http_server import Server
+from test_paged_inference import PROMPT, assert_same, logits_trace, min_cache
+from tiny_models import save_tiny
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote-sources")
+    hf = save_tiny("qwen3_moe", root / "hf")
+    gguf_repo = root / "gguf-repo"
+    gguf_repo.mkdir()
+    export_gguf(hf, gguf_repo / "tiny-Q8_0.gguf", "q8_0", progress=False)
+    export_gguf(hf, gguf_repo / "tiny-F16.gguf", "f16", progress=False)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(hf).save_pretrained(root / "sharded", max_shard_size="40KB")
+    assert len(list((root / "sharded").glob("*.safetensors"))) > 2
+    return {"hf": hf, "gguf": gguf_repo, "sharded": root / "sharded",
+            "repacked": repack(hf, root / "repacked", "per-layer", progress=False)}
+
+
+@pytest.fixture()
+def server(sources, monkeypatch):
+    with Server() as srv:
+        srv.served.repos["org/tiny"] = sources["hf"]
+        srv.served.repos["org/tiny-gguf"] = sources["gguf"]
+        srv.served.repos["org/tiny-sharded"] = sources["sharded"]
+        srv.served.repos["org/tiny-packed"] = sources["repacked"]
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+        yield srv
+
+
+def fast_client(**kw) -> RangeClient:
+    return RangeClient(**{"timeout": 5.0, "backoff": 0.01, **kw})
+
+
+def no_partials(folder) -> bool:
+    return not [p for p in folder.rglob(".*") if p.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize("kind", ["folder", "hf", "hf-gguf", "repacked", "hf-sharded", "hf-repacked", "sharded"])
+def test_remote_runs_with_the_logits_of_the_local_checkpoint(sources, server, tmp_path, kind):
+    ref, local = {"folder": (server.folder("tiny", sources["hf"]), sources["hf"]),
+                  "hf": ("hf://org/tiny", sources["hf"]),
+                  "hf-gguf": ("hf://org/tiny-gguf:Q8_0", sources["gguf"] / "tiny-Q8_0.gguf"),
+                  "repacked": (server.folder("packed", sources["repacked"]), sources["repacked"]),
+                  "hf-sharded": ("hf://org/tiny-sharded", sources["sharded"]),
+                  "sharded": (server.folder("sharded", sources["sharded"]), sources["sharded"]),
+                  "hf-repacked": ("hf://org/tiny-packed", sources["repacked"])}[kind]
+    cache = min_cache(local)
+    expected = logits_trace(load(local, cache=cache), PROMPT, STEPS)
+    model = load(ref, cache=cache, store=tmp_path / "store")
+    assert_same(expected, logits_trace(model, PROMPT, STEPS), f"{kind} remote")
+    stats = model.store.stats()
+    assert stats.misses > 0 and stats.remote_bytes > 0 and stats.remote_requests > 0
+    assert len(model.store.present()) == stats.misses and no_partials(tmp_path / "store")
+    if kind.startswith("hf"):  # huggingface_hub's headers, token included, go with every range request
+        assert any(m == "GET" and "/resolve/" in p and r for m, p, r in server.served.requests)
+        assert all(a == "Bearer hf_test_token" for a in server.served.auth if a is not None) and server.served.auth
+    model.pager.close()
+
+
+def test_headers_only_inspect_matches_local(sources, server, tmp_path):
+    local = json.loads(CliRunner().invoke(app, ["inspect", str(sources["hf"]), "--json"]).stdout)
+    result = CliRunner().invoke(app, ["inspect", "hf://org/tiny", "--json", "--store", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    remote = json.loads(result.stdout)
+    for key in ("architecture", "num_experts", "experts_per_token", "slice_bytes", "expert_bytes", "resident_bytes"):
+        assert remote[key] == local[key]
+    total = sum(f.stat().st_size for f in sources["hf"].iterdir())
+    assert server.served.range_bytes < total / 4  # headers and small files, not the weights
+    assert remote["slices_in_store"] == 0
+
+
+def test_disk_budget_evicts_least_recently_used_but_never_a_held_slice(sources, server, tmp_path):
+    probe = open_store(server.folder("tiny", sources["hf"]), tmp_path / "probe", client=fast_client())
+    probe.fetch_resident()
+    size = max(probe.slice_size(k) for k in probe.layout.slices)
+    budget = probe.used_bytes + 3 * size
+    store = open_store(probe.model.ref, tmp_path / "probe", disk=budget, client=fast_client())
+    keys = sorted(store.layout.slices)[:8]
+    with store.hold(keys[0]):
+        for k in keys[1:]:
+            store.ensure(k)
+            assert store.used_bytes <= budget and keys[0] in store.present()
+            on_disk = sum(p.stat().st_size for p in (tmp_path / "probe" / "slices").iterdir())
+            assert on_disk == sum(store.slice_size(k) for k in store.present())
+    assert store.stats().evictions >= len(keys) - 3
+    assert store.present()[-1] == keys[-1] and keys[1] not in store.present()
+    tiny = open_store(probe.model.ref, tmp_path / "probe", disk=store.used_bytes - 3 * size + size // 2, client=fast_client())
+    with pytest.raises(ExpertPagerError, match="too small"):
+        tiny.ensure(keys[1])
+
+
+def test_faults_are_retried_and_never_leave_a_corrupt_slice(sources, server, tmp_path):
+    url = server.folder("tiny", sources["hf"])
+    store = open_store(url, tmp_path / "s", client=fast_client(timeout=0.5, retries=7))
+    layout = read_layout(sources["hf"])
+    f = server.served.faults
+    f.status, f.cut, f.short, f.drop, f.slow, f.delay = 2, 1, 1, 1, 1, 1.5
+    keys = sorted(store.layout.slices)[:3]
+    for k in keys:
+        store.ensure(k)
+    assert store.stats().remote_retries >= 6
+    for k in keys:  # every byte the pager will read equals the local file's
+        data = (tmp_path / "s" / "slices" / f"{k[0]:04d}-{k[1]:04d}.bin").read_bytes()
+        for local, remote in zip(sorted(layout.slices[k].parts, key=lambda p: p.role),
+                                 sorted(store.layout.slices[k].parts, key=lambda p: p.role)):
+            with open(local.file, "rb") as fh:
+                fh.seek(local.offset)
+                assert data[remote.offset: remote.offset + remote.length] == fh.read(local.length)
+    f.status = 10
+    with pytest.raises(ExpertPagerError, match="gave up after 8 attempts"):
+        store.ensure(keys[-1][:1] + (keys[-1][1] + 1,))
+    f.status, f.ignore_range = 0, True
+    with pytest.raises(ExpertPagerError, match="ignored the Range header"):
+        store.ensure((keys[0][0], keys[0][1] + 5))
+    assert len(store.present()) == 3 and no_partials(tmp_path / "s")
+
+
+def test_repacked_slice_with_wrong_sha256_is_refused_then_refetched(sources, server, tmp_path):
+    store = open_store(server.folder("packed", sources["repacked"]), tmp_path / "s", client=fast_client())
+    key = sorted(store.layout.slices)[0]
+    server.served.faults.corrupt = 1
+    with pytest.raises(ExpertPagerError, match="SHA-256"):
+        store.ensure(key)
+    assert store.present() == [] and not (tmp_path / "s" / "slices").exists() or not any((tmp_path / "s" / "slices").iterdir())
+    store.ensure(key)
+    assert store.present() == [key]
+
+
+def test_offline_runs_from_the_store_and_names_what_is_missing(sources, server, tmp_path):
+    url = server.folder("tiny", sources["hf"])
+    cache = min_cache(sources["hf"])
+    expected = logits_trace(load(sources["hf"], cache=cache), PROMPT, STEPS)
+    online = load(url, cache=cache, store=tmp_path / "s")
+    logits_trace(online, PROMPT, STEPS)
+    online.pager.close()
+    server.__exit__(None, None, None)  # the server is gone
+    offline = load(url, cache=cache, store=tmp_path / "s", offline=True)
+    assert_same(expected, logits_trace(offline, PROMPT, STEPS), "offline from the store")
+    missing = offline.store.missing()
+    assert missing
+    with pytest.raises(ExpertPagerError, match=rf"offline, and expert slice \({missing[0][0]}, {missing[0][1]}\).*pull"):
+        offline.store.ensure(missing[0])
+    with pytest.raises(ExpertPagerError, match="no store for it"):
+        open_store(url, tmp_path / "elsewhere", offline=True)
+
+
+def test_cli_pull_profile_then_offline_run_and_plan(sources, server, tmp_path):
+    url = "hf://org/tiny"
+    layout = read_layout(sources["hf"])
+    import numpy as np
+
+    counts = np.zeros((len(layout.moe_layers), layout.num_experts), dtype=np.int64)
+    counts[:, :3] = [[5, 3, 1]]
+    save_profile(Profile("code", list(layout.moe_layers), counts, 10), tmp_path / "code.json")
+    store = str(tmp_path / "s")
+    result = CliRunner().invoke(app, ["pull", url, "--profile", str(tmp_path / "code.json"), "--store", store, "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["slices_in_store"] == 3 * len(layout.moe_layers) and info["remote_bytes"] > 0
+    probe = open_store(url, tmp_path / "small")
+    probe.fetch_resident()
+    disk = probe.used_bytes + 2 * max(probe.slice_size(k) for k in probe.layout.slices)
+    small = CliRunner().invoke(app, ["pull", url, "--profile", str(tmp_path / "code.json"), "--store",
+                                     str(tmp_path / "small"), "--disk", str(disk), "--json"])
+    assert small.exit_code == 0, small.output
+    hottest = Profile("code", list(layout.moe_layers), counts, 10).hottest(2)
+    assert json.loads(small.stdout)["store_evictions"] == 0
+    assert sorted(open_store(url, tmp_path / "small", disk=disk).present()) == sorted(hottest)
+    run = CliRunner().invoke(app, ["run", url, "--prompt-ids", "5,6,7", "-n", "3", "--cache", "100%", "--store", store,
+                                   "--json"])
+    assert run.exit_code == 0, run.output
+    stats = json.loads(run.stdout)["stats"]
+    for key in ("store_hit_rate", "remote_bytes", "remote_seconds", "store_bytes"):
+        assert key in stats
+    local = CliRunner().invoke(app, ["run", str(sources["hf"]), "--prompt-ids", "5,6,7", "-n", "3", "--cache", "100%", "--json"])
+    assert json.loads(run.stdout)["tokens"] == json.loads(local.stdout)["tokens"]
+    plan = CliRunner().invoke(app, ["plan", url, "--cache", "25%", "--disk", "1GB", "--store", store, "--offline",
+                                    "--profile", str(tmp_path / "code.json"), "--disk-gbps", "1", "--net-gbps", "0.1",
+                                    "--latency-ms", "5", "--json"])
+    assert plan.exit_code == 0, plan.output
+    p = json.loads(plan.stdout)
+    assert p["routing"] == "profile" and p["store_slices"] == len(layout.slices) and p["network_bytes_per_token"] == 0
+    hot = np.sort(counts.reshape(-1))[::-1]  # a cache of C slices holds the C hottest: their share of all uses
+    assert 0 < p["cache_slices"] < 9 and p["hit_rate"] == pytest.approx(hot[: p["cache_slices"]].sum() / hot.sum())
+
+
+def test_gguf_url_header_read_in_growing_ranges_gives_the_local_layout(sources, server, tmp_path, monkeypatch):
+    import expertpager.remote.skeleton as skeleton
+
+    monkeypatch.setattr(skeleton, "GGUF_FIRST_READ", 256)  # the header is several KiB: parse, read twice as much, ...
+    local = read_layout(sources["gguf"] / "tiny-Q8_0.gguf")
+    store = open_store(server.folder("g", sources["gguf"]) + "tiny-Q8_0.gguf", tmp_path / "s", client=fast_client())
+    remote = store.remote_layout
+    assert (remote.architecture, remote.num_experts, remote.config) == (local.architecture, local.num_experts, local.config)
+    assert [(t.name, t.offset, t.length, t.dtype) for t in remote.resident] == [(t.name, t.offset, t.length, t.dtype) for t in local.resident]
+    assert {k: [(p.role, p.offset, p.length) for p in s.parts] for k, s in remote.slices.items()} == \
+        {k: [(p.role, p.offset, p.length) for p in s.parts] for k, s in local.slices.items()}
+    size = (sources["gguf"] / "tiny-Q8_0.gguf").stat().st_size
+    ranges = [r for m, p, r in server.served.requests if m == "GET" and p.endswith("tiny-Q8_0.gguf")]
+    assert len(ranges) >= 3 and server.served.range_bytes < size / 2
+
+
+def test_bad_remote_input_is_one_clear_error_naming_the_url(sources, server, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((sources["hf"] / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    url = server.folder("broken", broken)
+    with pytest.raises(ExpertPagerError, match=rf"{url}model.safetensors: truncated or corrupt safetensors"):
+        open_store(url, tmp_path / "s1", client=fast_client())
+    with pytest.raises(ExpertPagerError, match="HTTP 404"):
+        open_store(server.folder("none", tmp_path / "missing") + "x.gguf", tmp_path / "s2", client=fast_client())
+    with pytest.raises(ExpertPagerError, match="no config.json"):
+        open_store(server.folder("empty", tmp_path), tmp_path / "s3", client=fast_client())
+    result = CliRunner().invoke(app, ["run", "hf://org/nope", "--store", str(tmp_path / "s4"), "--prompt-ids", "1,2"])
+    assert isinstance(result.exception, ExpertPagerError) and "hf://org/nope" in str(result.exception)
+    (tmp_path / "user-folder").mkdir()
+    (tmp_path / "user-folder" / "notes.txt").write_text("mine")
+    with pytest.raises(ExpertPagerError, match="not an expertpager store"):
+        open_store("hf://org/tiny", tmp_path / "user-folder")
