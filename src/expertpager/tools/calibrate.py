@@ -18,11 +18,12 @@ import torch
 from transformers import PreTrainedModel
 
 from ..errors import ExpertPagerError
+from ..model.plan import PREFILL_CHUNK
 from ..runtime.moe_layers import MoeLayer, moe_layers, rms_normalize
 from ..runtime.speculator import Speculator
 
 DEFAULT_SHRINK = 1e-3
-BATCH_TOKENS = 2048  # tokens of windows run as one batch
+BATCH_TOKENS = PREFILL_CHUNK  # tokens of windows run as one batch: the activations the memory plan reserves for
 
 
 class Statistics:
