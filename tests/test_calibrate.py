@@ -143,3 +143,45 @@ def test_cli_calibrate_writes_a_speculator(tmp_path):
     info = json.loads(out.stdout)
     assert info["tokens"] == 512 and info["ahead"] == [1] and info["recall_fitted"] >= info["recall_plain"]
     assert load_speculator(tmp_path / "s.safetensors", list(range(8)), 128, 64).ahead == [1]
+
+
+def test_statistics_fit_equals_a_float64_least_squares_fit(tiny):
+    """The statistics (float32 products per batch of windows, float64 sums, Gram kept as its upper triangle) give
+    the ridge fit a float64 solve of the same features gives; their size is what statistics_bytes plans for."""
+    from expertpager.runtime.moe_layers import rms_normalize, routed_windows
+    from expertpager.tools.calibrate import collect, plain_map, solve, statistics_bytes
+
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    ids = np.random.default_rng(1).integers(3, 96, 700)
+    stats = collect(model, ids, ahead=2, chunk=64, batch_tokens=256)  # 3 batches of 4 windows, then 60 tokens
+    assert stats.tokens == 700 and not stats.features
+    feats, logits = {}, {}
+    for n, hidden, router in routed_windows(model, ids, 64):
+        for i, h in hidden.items():
+            x = rms_normalize(h).double()
+            feats.setdefault(i, []).append(torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1))
+            logits.setdefault(i, []).append(router[i][0].reshape(n, -1).double())
+    X, Z = ({i: torch.cat(v) for i, v in d.items()} for d in (feats, logits))
+    for i in X:
+        assert torch.allclose(stats.gram_matrix(i), X[i].T @ X[i], rtol=1e-5, atol=1e-3)
+    fits = solve(stats, 1e-3)
+    assert set(fits) == {(1, 1), (2, 1), (3, 1), (2, 2), (3, 2)}
+    for (target, d), (w, b) in fits.items():
+        i, t = target - d, target
+        prior = torch.cat([plain_map(moe_layers(model)[t]).double().T, torch.zeros(1, 8, dtype=torch.float64)])
+        penalty = torch.full((33,), 1e-3 * 700, dtype=torch.float64)
+        penalty[32] = 0
+        want = torch.linalg.solve(X[i].T @ X[i] + torch.diag(penalty), X[i].T @ Z[t] + penalty[:, None] * prior)
+        assert torch.allclose(w.double(), want[:32].T, atol=1e-4) and torch.allclose(b.double(), want[32], atol=1e-4)
+    held = stats.gram.nbytes + sum(c.nbytes for c in stats.cross.values())
+    assert held < statistics_bytes(4, 32, 8, 2)
+
+
+def test_calibration_statistics_count_against_max_memory(tiny):
+    plain = load(tiny, max_memory="1200MB")
+    with_stats = load(tiny, max_memory="1200MB", extra_resident=10_000_000)
+    assert with_stats.memory_plan.resident_bytes == plain.memory_plan.resident_bytes + 10_000_000
+    plain.pager.close()
+    with_stats.pager.close()
+    with pytest.raises(ExpertPagerError, match="max_memory is too small"):
+        load(tiny, max_memory="1200MB", extra_resident=10**9)

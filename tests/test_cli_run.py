@@ -59,3 +59,20 @@ def test_expert_cache_tiers_give_the_same_tokens(tmp_path):
     assert all(r.exit_code == 0 for r in runs.values()), [r.output for r in runs.values()]
     tokens = {tier: json.loads(r.stdout)["tokens"] for tier, r in runs.items()}
     assert tokens["raw"] == tokens["dequantized"] and len(tokens["raw"]) == 6
+
+
+def test_compare_on_a_gguf_runs_it_all_cached(tmp_path):
+    """--resident on a GGUF: the same file through the same code with every slice loaded before the run, so the
+    run reads nothing; --compare then says whether paging at a small cache changed the tokens."""
+    from tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "m.gguf", "llama")
+    result = invoke(path, "--prompt-ids", "5,6,7,8", "-n", "8", "--cache", "40%", "--expert-cache", "raw", "--compare",
+                    "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["identical"] and len(out["resident"]["tokens"]) == 8
+    resident, paged = out["resident"]["stats"], out["paged"]["stats"]
+    assert resident["bytes_read"] == 0 and resident["hit_rate"] == 1.0 and resident["hits"] > 0
+    assert paged["bytes_read"] > 0 and paged["hit_rate"] < 1.0
+    assert resident["cache_bytes"] > paged["cache_bytes"]

@@ -81,3 +81,24 @@ def test_decode_error_is_reported_and_never_served(tmp_path, monkeypatch):
 def test_unknown_expert_cache_is_named(tmp_path):
     with pytest.raises(ExpertPagerError, match="unknown expert cache 'bf16'"):
         load(write_tiny_gguf(tmp_path / "m.gguf", "llama"), expert_cache="bf16")
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_gpt_oss_gguf_interleaved_once_at_page_in(tmp_path, dtype):
+    """A gpt-oss GGUF (llama.cpp's separate [out, in] gate and up, biases) decoded at page-in into transformers'
+    interleaved, transposed gate_up: the same logits as rebuilding it on every use (raw tier), and a hit serves the
+    slot's bytes as they are."""
+    path = export_gguf(save_tiny("gpt_oss", tmp_path / "hf"), tmp_path / "oss.gguf", "q8_0", progress=False)
+    traces = tier_traces(path, dtype)
+    first = next(iter(traces.values()))
+    for what, trace in traces.items():
+        assert_same(first, trace, what)
+    model = load(path, expert_cache="dequantized", dtype=dtype)
+    experts = next(m for m in model.modules() if isinstance(m, paged_experts.PagedExperts))
+    assert not experts.transpose
+    assert {p.role for p in experts.slices[0].parts} == {"gate_up", "down", "gate_up_bias", "down_bias"}
+    with model.pager.pin((experts.layer, 0)) as buf:
+        tensors = experts._tensors(0, buf)
+        for role in ("gate_up", "down", "gate_up_bias"):
+            assert tensors[role].data_ptr() == buf.views[role].ctypes.data, role
+    model.pager.close()

@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
         "qwen3_moe": save_tiny("qwen3_moe", root / "qwen3_moe"),
         "mixtral": save_tiny("mixtral", root / "mixtral"),
         "olmoe": save_tiny("olmoe", root / "olmoe"),
-        "qwen2_moe": save_tiny("qwen2_moe", root / "qwen2_moe", mlp_only_layers=[]),
+        "qwen2_moe": save_tiny("qwen2_moe", root / "qwen2_moe"),  # layer 1 dense (mlp_only_layers)
         "gpt_oss": save_tiny("gpt_oss", root / "gpt_oss"),
         "deepseek_v2": save_tiny("deepseek_v2", root / "deepseek_v2"),
         "deepseek_v3": save_tiny("deepseek_v3", root / "deepseek_v3"),
@@ -62,6 +62,16 @@ def test_export_round_trip_is_exact(tiny, tmp_path, name, out_type):
         assert_same(expected, logits_trace(model, PROMPT, STEPS), f"{name} as {out_type}, cache={cache}")
         model.pager.close()
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_qwen2moe_dense_layer_named_as_llama_cpp_names_it(tiny, tmp_path):
+    """qwen2_moe's mlp_only_layers: gguf-py has no dense FFN names for qwen2moe; the export writes llama.cpp's
+    blk.N.ffn_gate/up/down, and the runtime reads the layer back as dense (round trip: the test above)."""
+    layout = read_layout(export_gguf(tiny["qwen2_moe"], tmp_path / "dense.gguf", progress=False))
+    assert layout.moe_layers == [0, 2]
+    dense = {t.name: t.shape for t in layout.resident if t.name.startswith("blk.1.ffn_")}
+    assert dense == {"blk.1.ffn_norm.weight": (32,), "blk.1.ffn_gate.weight": (48, 32), "blk.1.ffn_up.weight": (48, 32),
+                     "blk.1.ffn_down.weight": (32, 48)}
 
 
 def test_q8_0_within_tolerance_and_q4_0_runs(tiny, tmp_path):

@@ -76,6 +76,23 @@ def test_simulate_cli_json_and_plot(tmp_path, tiny):
     assert plot.read_bytes()[:4] == PNG
 
 
+def test_simulate_figure_has_a_bytes_panel():
+    """Below each trace's hit rates, the bytes read per token of the same rows; Belady labelled as the bound for
+    demand loading only (prefetching policies can beat its hit rate, at the price of more bytes)."""
+    from expertpager.tools.simulate import figure, simulate
+
+    rows = simulate({"syn": skewed_trace(64, 4, 8, 2)}, [0.3, 0.6], ["lru", "belady"], ["none", "temporal"], 4096)
+    fig = figure(rows)
+    hits, reads = fig.axes
+    assert (hits.get_ylabel(), reads.get_ylabel()) == ("hit rate", "MB read per token")
+    for ax, field, scale in ((hits, "hit_rate", 1), (reads, "bytes_per_token", 1e-6)):
+        lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+        assert set(lines) == {"lru", "lru + temporal", "belady (demand-only bound)"}
+        want = [getattr(r, field) * scale for r in rows if (r.policy, r.prefetch) == ("lru", "temporal")]
+        assert lines["lru + temporal"] == pytest.approx(want)
+    assert max(reads.get_lines()[0].get_ydata()) > 0
+
+
 def test_next_layer_simulation_uses_the_model(tmp_path, tiny):
     model = load(tiny)
     ids = torch.arange(3, 60)

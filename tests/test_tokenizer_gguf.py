@@ -162,3 +162,64 @@ def test_export_writes_the_name_and_transformers_reads_it_back(name, tmp_path):
     theirs, ours = AutoTokenizer.from_pretrained(folder), load_tokenizer(str(path))
     text = CHKTXT + CODE[:3000]
     assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+
+
+def train_sentencepiece(path: Path) -> Path:
+    """A 400-piece SentencePiece BPE trained here, set up as Llama's and Mixtral's are (byte fallback, no
+    normalization, whitespace kept, digits split)."""
+    import io
+
+    import pydoc_data.topics
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(pydoc_data.topics.topics.values())[:60]), model_writer=model, vocab_size=400,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def test_export_sentencepiece_as_llama_vocab(tmp_path):
+    """A Mixtral checkpoint with tokenizer.model exports a "llama" vocabulary: pieces, scores and types as
+    SentencePiece has them, an added special token as a control token, the rest of the vocabulary unused padding;
+    transformers' GGUF reader then tokenizes as SentencePiece itself does."""
+    import sentencepiece as spm
+
+    from expertpager.runner import load_tokenizer
+    from expertpager.tools.export_gguf import export_gguf
+    from tiny_models import save_tiny
+
+    folder = save_tiny("mixtral", tmp_path / "mixtral", vocab_size=403)
+    sp = spm.SentencePieceProcessor(model_file=str(train_sentencepiece(folder / "tokenizer.model")))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        "400": {"content": "<|im_end|>", "special": True}, "401": {"content": "▁user", "special": False}}}))
+    (tmp_path / "out").mkdir()  # away from tokenizer.model, which transformers would read instead
+    path = export_gguf(folder, tmp_path / "out" / "mixtral.gguf", progress=False)
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    tokens, scores = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.scores"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert tokens[:400] == [sp.IdToPiece(i) for i in range(400)]
+    assert scores[:400] == pytest.approx([sp.GetScore(i) for i in range(400)])
+    T = gguf.TokenType
+    assert types[:3] == [T.UNKNOWN, T.CONTROL, T.CONTROL]
+    assert [types[i] for i in range(400) if tokens[i].startswith("<0x")] == [T.BYTE] * 256
+    assert tokens[400:] == ["<|im_end|>", " user", "[PAD402]"]
+    assert types[400:] == [T.CONTROL, T.USER_DEFINED, T.UNUSED]
+    text = CODE[:3000] + " Hello  world\n\n\t 3.14 é我 🚀"
+    assert load_tokenizer(str(path))(text)["input_ids"] == [1] + sp.encode(text)
+
+
+def test_export_names_a_broken_sentencepiece_model(tmp_path):
+    from expertpager.errors import ExpertPagerError
+    from expertpager.tools.export_gguf import export_gguf
+    from tiny_models import save_tiny
+
+    folder = save_tiny("mixtral", tmp_path / "mixtral")
+    (folder / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(ExpertPagerError, match="tokenizer.model: not a SentencePiece model"):
+        export_gguf(folder, tmp_path / "out.gguf", progress=False)
+    assert not (tmp_path / "out.gguf").exists()

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -149,8 +150,8 @@ def run(
     predictor: str = PREDICTOR,
     profiles: str = PROFILES,
     speculator: str = SPECULATOR,
-    resident: bool = typer.Option(False, "--resident", help="Run the same model fully in memory with plain transformers."),
-    compare: bool = typer.Option(False, "--compare", help="Run fully resident and paged, one after the other, and show both."),
+    resident: bool = typer.Option(False, "--resident", help="Run the same model fully in memory: plain transformers for a safetensors checkpoint; for a GGUF or repacked store the same code with every slice cached and loaded first."),
+    compare: bool = typer.Option(False, "--compare", help="Run fully resident (see --resident) and paged, one after the other, and show both."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
     seed: int = typer.Option(0, "--seed"),
     io: str = IO,
@@ -280,6 +281,7 @@ def calibrate(
     ahead: int = typer.Option(1, "--ahead", min=1, help="Fit look-ahead distances 1..N (next-layer:N uses them)."),
     shrink: float = typer.Option(1e-3, "--shrink", min=0.0, help="Ridge strength toward the plain router, relative to the data."),
     max_tokens: int = typer.Option(None, "--max-tokens", min=2, help="Use at most this many tokens of each file."),
+    max_memory: str = typer.Option(None, "--max-memory", help="Memory promise for the whole process, the calibration statistics included, e.g. 12GB."),
     cache: str = typer.Option(None, "--cache", help="Expert cache while calibrating, bytes or a percentage (default: every slice fits)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -291,7 +293,8 @@ def calibrate(
     from .runner import load_tokenizer
     from .runtime.load import load
     from .runtime.speculator import default_speculator_path, save_speculator
-    from .tools.calibrate import calibrate as fit, windows
+    from .model.plan import hidden_size
+    from .tools.calibrate import calibrate as fit, statistics_bytes, windows
     from .progress import progress_bar
     from .tools.speculation import recall_precision, speculation
 
@@ -303,9 +306,13 @@ def calibrate(
     path = Path(output) if output else default_speculator_path(layout.path)
     if not path.parent.is_dir():
         raise ExpertPagerError(f"{path}: its folder does not exist")
-    m = load(model, cache=cache)
+    moe = len(layout.moe_layers)
+    stats_bytes = statistics_bytes(moe, hidden_size(layout), layout.num_experts, min(ahead, max(1, moe - 1)))
+    m = load(model, max_memory=max_memory, cache=cache, extra_resident=stats_bytes, progress=not json_out)
+    start = time.perf_counter()
     with progress_bar("calibrating", windows(len(ids)), enabled=not json_out) as advance:
         spec = fit(m, ids, ahead=ahead, shrink=shrink, on_window=advance)
+    seconds = time.perf_counter() - start
     sample = np.array(ids[:4096])
     actual, plain = speculation(m, sample, lookahead=1)
     fitted = speculation(m, sample, lookahead=1, speculator=spec)[1]
@@ -313,11 +320,13 @@ def calibrate(
     save_speculator(spec, path)
     rec = {name: float(np.nanmean(recall_precision(actual, p)[0][:, 0])) for name, p in (("plain", plain), ("fitted", fitted))}
     info = {"speculator": str(path), "tokens": len(ids), "ahead": spec.ahead, "layers": spec.layers,
+            "statistics_bytes": stats_bytes, "cache_bytes": m.pager.pool_bytes, "seconds": round(seconds, 1),
             "recall_plain": round(rec["plain"], 4), "recall_fitted": round(rec["fitted"], 4), "recall_tokens": len(sample)}
     if json_out:
         print(json.dumps(info))
         return
-    console.print(f"speculator for {len(spec.layers)} MoE layers, distances {spec.ahead}, from {len(ids):,} tokens -> {path}")
+    console.print(f"speculator for {len(spec.layers)} MoE layers, distances {spec.ahead}, from {len(ids):,} tokens -> {path} "
+                  f"({seconds:.1f} s; statistics {format_size(stats_bytes)}, expert cache {format_size(m.pager.pool_bytes)})")
     console.print(f"one layer ahead, on the first {len(sample):,} calibration tokens: recall {rec['plain']:.3f} (plain router) "
                   f"-> {rec['fitted']:.3f} (fitted)")
 
@@ -389,7 +398,7 @@ def simulate(
     prefetch: str = typer.Option("none", "--prefetch", help="none, temporal, next-layer or next-layer-N (top-k minus N; both need --model), or a comma list."),
     model: str = typer.Option(None, "--model", help="The traced model: slice sizes from its layout (else uniform), routers for next-layer."),
     json_out: bool = typer.Option(False, "--json", help='Print one JSON object {"rows": [...]}.'),
-    plot_path: str = typer.Option(None, "--plot", help="Write a PNG of hit rate vs cache size per policy."),
+    plot_path: str = typer.Option(None, "--plot", help="Write a PNG per trace: hit rate and MB read per token vs cache size, per policy (Belady: the demand-only bound)."),
 ) -> None:
     """Replay recorded routing through the pager's cache policies: hit rate and bytes read per token."""
     from .tools.simulate import plot, rows_json, simulate as run_sim
@@ -550,7 +559,11 @@ def evaluate(
 
 
 def main() -> None:
-    """Entry point: run the app, turning ExpertPagerError into one line on stderr and exit code 2."""
+    """Entry point: run the app, turning ExpertPagerError into one line on stderr and exit code 2. The command line
+    shows the project's own progress bars only: transformers' (and huggingface_hub's) are off in this process."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         app()
     except ExpertPagerError as e:

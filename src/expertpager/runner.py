@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .errors import ExpertPagerError
 from .runtime.generate import Generation, generate
-from .runtime.load import load, no_transformers_bars
+from .runtime.load import load, load_all_cached, no_transformers_bars
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -44,13 +44,19 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def load_resident(path: str) -> PreTrainedModel:
-    """The same checkpoint fully in memory through plain transformers (safetensors checkpoints only)."""
-    if Path(path).suffix == ".gguf":
-        raise ExpertPagerError(f"{path}: --resident and --compare need an HF safetensors checkpoint; "
-                               "a GGUF runs paged only (give --cache 100% to hold every slice)")
+def load_resident(path: str, **load_options) -> PreTrainedModel:
+    """The same checkpoint fully in memory: a local HF safetensors checkpoint through plain transformers; a GGUF, a
+    repacked store or a remote model through the same paged code with every slice cached and loaded first
+    (load_all_cached, with the tier, dtype, I/O, store and progress options of `load_options`; budgets and
+    predictors do not apply)."""
+    from .model.read_layout import read_layout
+    from .remote import is_remote
+
+    if is_remote(str(path)) or read_layout(path).format != "safetensors":
+        keep = ("expert_cache", "dtype", "quantize", "io", "threads", "progress", "store", "disk", "offline")
+        return load_all_cached(path, **{k: v for k, v in load_options.items() if k in keep})
     with no_transformers_bars():
-        return AutoModelForCausalLM.from_pretrained(path).eval()
+        return AutoModelForCausalLM.from_pretrained(read_layout(path).path).eval()
 
 
 @dataclass
@@ -95,8 +101,6 @@ def run_once(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int,
 def open_model(model_ref: str, resident: bool, **load_options) -> PreTrainedModel:
     """Paged (default) or fully resident."""
     if resident:
-        from .model.read_layout import read_layout
-
-        return load_resident(read_layout(model_ref).path)
+        return load_resident(model_ref, **load_options)
     return load(model_ref, **load_options)
 

@@ -89,6 +89,11 @@ def linear_state_bytes(layout: Layout) -> int:
     return len(linear_attention_layers(layout)) * per_layer * 4
 
 
+def hidden_size(layout: Layout) -> int:
+    """The model's hidden size, from an HF config or GGUF metadata."""
+    return _geometry(layout)[0]
+
+
 def reserve_bytes(layout: Layout, context_tokens: int = DEFAULT_CONTEXT, overhead: int = RUNTIME_OVERHEAD) -> int:
     """Runtime `overhead` + bf16 KV cache for `context_tokens` (full-attention layers) + linear-attention state +
     activations of one prefill chunk."""

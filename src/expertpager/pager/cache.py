@@ -248,6 +248,12 @@ class SliceCache:
     def stats(self) -> StatsSnapshot:
         return self.stats_snapshot()
 
+    def reset_stats(self) -> None:
+        """Count afresh from now (for example after loading every slice, to report a fully resident run)."""
+        with self._lock:
+            for values in self._count.values():
+                values[:] = [0] * len(values)
+
     # -- pinning -------------------------------------------------------------------------------------------
 
     def pin(self, key: SliceKey) -> SliceBuffer:

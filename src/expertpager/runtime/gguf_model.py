@@ -49,10 +49,21 @@ def unpermute_qk(w: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> 
     return w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+DENSE_FFN = (gguf.MODEL_TENSOR.FFN_GATE, gguf.MODEL_TENSOR.FFN_UP, gguf.MODEL_TENSOR.FFN_DOWN)
+
+
 def tensor_name_map(gguf_arch_name: str, num_layers: int) -> gguf.TensorNameMap:
-    """gguf-py's HF <-> GGUF tensor name map for an architecture."""
+    """gguf-py's HF <-> GGUF tensor name map for an architecture, with a dense layer's FFN (blk.N.ffn_gate/up/down,
+    as llama.cpp names them) added where gguf-py's table has none for it (qwen2moe's mlp_only_layers)."""
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch_name)
-    return gguf.get_tensor_name_map(arch, num_layers)
+    names = gguf.get_tensor_name_map(arch, num_layers)
+    for tensor in DENSE_FFN:
+        if tensor not in gguf.MODEL_TENSORS[arch]:
+            for bid in range(num_layers):
+                name = gguf.TENSOR_NAMES[tensor].format(bid=bid)
+                for key in (name, *gguf.TensorNameMap.block_mappings_cfg[tensor]):
+                    names.mapping[key.format(bid=bid)] = (tensor, name)
+    return names
 
 
 def gguf_name(names: gguf.TensorNameMap, hf_name: str) -> str | None:

@@ -18,6 +18,7 @@ from ..model.plan import COMPACT_RUNTIME_OVERHEAD, RUNTIME_OVERHEAD, MemoryPlan,
 from ..remote import Store, resolve_layout
 from ..pager import Decoder, SliceCache, checksum_verifier
 from ..pager.replay import slot_needs
+from ..progress import progress_bar
 from ..pager.decode import staging_bytes
 from ..sizes import parse_size
 from .gguf_model import FLOAT_TYPES, build_gguf_model, gguf_dtype
@@ -106,6 +107,12 @@ def compute_dtype(layout: Layout, dtype: torch.dtype | str, tier: str = "dequant
     return getattr(torch, name)
 
 
+def gguf_transposed(layout: Layout) -> bool:
+    """A GGUF of gpt-oss: llama.cpp's separate [out, in] gate and up where transformers' module multiplies an
+    interleaved [in, out] gate_up (see paged_experts.transposed_slice)."""
+    return layout.weights_format == "gguf" and gguf_arch(layout).fused_transposed
+
+
 def expert_offsets(layout: Layout, dtype: torch.dtype) -> dict[SliceKey, dict[str, int]]:
     """Each slice's weight matrices at their fully resident addresses modulo ALIGN (see resident_offsets)."""
     return {k: resident_offsets(s, dtype, layout.format == "safetensors") for k, s in layout.slices.items()}
@@ -115,7 +122,8 @@ def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype,
                 quantize: str | None = None) -> tuple[Decoder | None, dict[SliceKey, ExpertSlice]]:
     """The cache's decode step (None: it holds the stored bytes) and the slices as it serves them. The dequantized
     tier decodes only when some part is not already stored in the compute dtype; slices stored in it whose weights
-    would sit at another alignment than the resident model's are moved to it in their slot once per page-in."""
+    would sit at another alignment than the resident model's are moved to it in their slot once per page-in. A gpt-oss
+    GGUF's slices are always decoded, into transformers' interleaved, transposed layout (except in the raw tier)."""
     tier = resolve_tier(layout, expert_cache, quantize)
     stored = {p.dtype for s in layout.slices.values() for p in s.parts}
     if tier == "raw":
@@ -125,8 +133,8 @@ def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype,
             return None, layout.slices
         return compactor(layout.slices, floats=quantize == "int4")
     offsets = expert_offsets(layout, dtype)
-    if stored != {DTYPE_NAMES.get(dtype)}:
-        return dequantizer(layout.slices, dtype, offsets)
+    if gguf_transposed(layout) or stored != {DTYPE_NAMES.get(dtype)}:
+        return dequantizer(layout.slices, dtype, offsets, transpose=gguf_transposed(layout))
     if all(stored_offsets(s) == offsets[k] for k, s in layout.slices.items()):
         return None, layout.slices
     return realigner(layout.slices, offsets)
@@ -232,7 +240,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
          predictors: "str | Sequence[str | Predictor] | None" = None, profiles: str | Path | None = None,
          speculator: "str | Path | Speculator | bool | None" = None, progress: bool = False,
          quantize: str | None = None, store: "str | Path | Store | None" = None, disk: str | int | None = None,
-         offline: bool | None = None) -> PreTrainedModel:
+         offline: bool | None = None, extra_resident: int = 0) -> PreTrainedModel:
     """A transformers causal LM for `model_ref` with paged experts; `model.pager` is its SliceCache.
 
     max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
@@ -244,8 +252,9 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     folder's `speculator.safetensors` when there is one, a path to such a file, or False for the plain routers;
     `model.speculator` is the one in use. progress: a bar on stderr while a GGUF's resident tensors load.
     quantize: "int4" or "int8" holds a float checkpoint's experts in the compact tier (round to nearest per group
-    of 32, or per row), computing in bfloat16, and resident linear layers but routers as int8 rows (pack_linears; so are those of a
-    float checkpoint repacked with --quantize).
+    of 32, or per row), computing in bfloat16, and resident linear layers but routers as int8 rows (pack_linears; so
+    are those of a float checkpoint repacked with --quantize). extra_resident: bytes the caller will hold beside the
+    model (calibration statistics), counted against max_memory.
     A remote `model_ref` (hf://org/name, https://.../model.gguf, a folder URL) runs from its local store (`store`: a
     folder or an open Store; default under the HF cache) under a disk budget `disk`; `offline` (default: the Hub's
     offline mode) uses only what the store holds; `model.store` is the Store, or None for a local checkpoint."""
@@ -259,7 +268,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     dtype = compute_dtype(layout, dtype, tier)
     decoder, served = expert_tier(layout, expert_cache, dtype, quantize)
     offsets = {} if tier == "compact" else expert_offsets(layout, dtype)  # compact slices are served as stored
-    plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, tier=tier)  # fails fast, before loading
+    plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, extra_resident, tier)  # fails fast
     if layout.weights_format == "gguf":
         config = AutoConfig.for_model(gguf_arch(layout).config_type)
         model = build_gguf_model(layout, paged_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]), dtype,
@@ -273,7 +282,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     model.eval()
     packed = pack_linears(model) if tier == "compact" and layout.weights_format != "gguf" else 0
     if packed and max_memory is not None:  # the plan counted them as loaded (the peak); the cache gets what they freed
-        plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, -packed, tier)
+        plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, extra_resident - packed, tier)
     chosen = make_predictors(predictors, profiles)
     unfitted = [p for p in chosen if isinstance(p, NextLayer) and p.speculator is None]
     model.speculator = None
@@ -283,7 +292,8 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
         for p in unfitted:
             p.speculator = model.speculator
         if model.speculator is not None and max_memory is not None:  # its maps stay in memory too
-            plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, model.speculator.nbytes - packed, tier)
+            plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype,
+                                extra_resident + model.speculator.nbytes - packed, tier)
     verify = checksum_verifier(layout.slices, layout.checksums) if layout.checksums else None
     pager = SliceCache(layout.slices, plan.cache_bytes, policy=policy, io=io, threads=threads,
                        min_pinned=layout.experts_per_token, verify=verify, decode=decoder,
@@ -294,7 +304,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
             module.slices = {e: served[(module.layer, e)] for e in range(layout.num_experts)}
             module.offsets = {e: offsets[(module.layer, e)] for e in range(layout.num_experts)} if offsets else {}
             module.dtype = dtype
-            module.transpose = module.is_transposed and layout.weights_format == "gguf"
+            module.transpose = decoder is None and gguf_transposed(layout)  # a raw-tier slice, rebuilt per use
             module.chunk = max(layout.experts_per_token, pager.num_slots // (2 if prefetch else 1))
             if not prefetch:
                 module.chunk = pager.num_slots
@@ -303,4 +313,22 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     model.layout = layout
     model.memory_plan = plan
     model.prefetcher = Prefetcher(model, chosen) if chosen else None
+    return model
+
+
+def load_all_cached(model_ref: str | Path, expert_cache: str = DEFAULT_EXPERT_CACHE, dtype: torch.dtype | str = "auto",
+                    quantize: str | None = None, io: str = "auto", threads: int = 4, progress: bool = False,
+                    **remote) -> PreTrainedModel:
+    """`model_ref` fully in memory through the paged code: a cache that holds every slice in the same tier and
+    dtype, every slice loaded before this returns, the cache's counters reset (so a run reads nothing and hits
+    every time). How a GGUF or a repacked store runs "resident", to compare with its paged runs; `remote`: load's
+    store, disk and offline for a remote model."""
+    model = load(model_ref, expert_cache=expert_cache, dtype=dtype, quantize=quantize, io=io, threads=threads,
+                 prefetch=False, progress=progress, **remote)
+    layers = sorted({layer for layer, _ in model.layout.slices})
+    with progress_bar(f"loading {len(model.layout.slices)} expert slices", len(layers), progress) as advance:
+        for layer in layers:
+            with model.pager.pin_many([k for k in model.layout.slices if k[0] == layer]):
+                advance()
+    model.pager.reset_stats()
     return model

@@ -77,16 +77,48 @@ def decoded_slice(s: ExpertSlice, dtype: torch.dtype, offsets: Mapping[str, int]
     return replace(s, parts=tuple(parts))
 
 
+def transposed_slice(s: ExpertSlice) -> ExpertSlice:
+    """A GGUF gpt-oss slice (llama.cpp's separate gate and up, [out, in]) described as transformers holds it: gate_up
+    [in, 2 * out] with gate and up columns interleaved, gate_up_bias likewise, down [in, out]; offsets not yet placed
+    (see decoded_slice)."""
+    parts = {p.role: p for p in s.parts}
+    out = []
+    for role, p in parts.items():
+        if role.startswith("up"):
+            continue
+        shape = p.shape[::-1]
+        if role.startswith("gate"):
+            role, shape = role.replace("gate", "gate_up"), (*shape[:-1], 2 * shape[-1])
+        out.append(replace(p, role=role, shape=tuple(shape)))
+    return replace(s, parts=tuple(out))
+
+
+def hf_tensors(s: ExpertSlice, views: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A GGUF gpt-oss slice's tensors as transformers' module multiplies them (see transposed_slice): gate and up,
+    and their biases, interleaved into gate_up and gate_up_bias, weights transposed back to [in, out]; strided
+    views or fresh tensors in the stored dtype, or float32 for quantized blocks."""
+    tensors = {p.role: _weights(views[p.role], p.dtype, p.shape) for p in s.parts}
+    for suffix in ("", "_bias"):
+        if "gate" + suffix in tensors:
+            gate, up = tensors.pop("gate" + suffix), tensors.pop("up" + suffix)
+            tensors["gate_up" + suffix] = torch.stack([gate, up], dim=1).flatten(0, 1)
+    return {k: v.T if v.ndim == 2 else v for k, v in tensors.items()}
+
+
 def dequantizer(slices: Mapping[SliceKey, ExpertSlice], dtype: torch.dtype,
-                offsets: Mapping[SliceKey, Mapping[str, int]]) -> tuple[Decoder, dict[SliceKey, ExpertSlice]]:
+                offsets: Mapping[SliceKey, Mapping[str, int]],
+                transpose: bool = False) -> tuple[Decoder, dict[SliceKey, ExpertSlice]]:
     """A pager decode step that writes each part once at page-in in `dtype` at its resident alignment (quantized
     blocks dequantized to float32 first, then cast, exactly as slice_tensors does on every use of a raw slice), and
-    the slices as the cache then serves them."""
-    served = {k: decoded_slice(s, dtype, offsets[k]) for k, s in slices.items()}
+    the slices as the cache then serves them. With `transpose` (a GGUF slice of gpt-oss) the slot holds gate_up
+    interleaved and the weights transposed as transformers holds them (hf_tensors), so a hit needs no copy."""
+    served = {k: decoded_slice(transposed_slice(s) if transpose else s, dtype, offsets[k]) for k, s in slices.items()}
 
     def decode(key: SliceKey, raw: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
-        for p in slices[key].parts:
-            torch.from_numpy(out[p.role]).view(dtype).view(p.shape).copy_(_weights(raw[p.role], p.dtype, p.shape))
+        s = slices[key]
+        tensors = hf_tensors(s, raw) if transpose else {p.role: _weights(raw[p.role], p.dtype, p.shape) for p in s.parts}
+        for role, t in tensors.items():
+            torch.from_numpy(out[role]).view(dtype).view(t.shape).copy_(t)
 
     views = {k: tuple((p.role, p.offset, p.length) for p in s.parts) for k, s in served.items()}
     return Decoder(views, decode), served
@@ -144,16 +176,12 @@ def slice_tensors(s: ExpertSlice, views: dict[str, np.ndarray], dtype: torch.dty
     gate and up are fused into gate_up as transformers does at load: one tensor over both when they are adjacent
     in the slot with the same type, else a concatenation. With `transpose` (a GGUF slice of gpt-oss, whose module
     multiplies by [in, out] weights) gate and up, and their biases, are interleaved into gate_up and gate_up_bias
-    and the weights transposed back from llama.cpp's [out, in]: copies, on every use."""
+    and the weights transposed back from llama.cpp's [out, in] (hf_tensors): copies, on every use of a raw-tier
+    slice (the other tiers hold them so from page-in)."""
+    if transpose:
+        return {k: v.contiguous().to(dtype) for k, v in hf_tensors(s, views).items()}
     parts = {p.role: p for p in s.parts}
     out = {}
-    if transpose:
-        tensors = {role: _weights(views[role], p.dtype, p.shape) for role, p in parts.items()}
-        for suffix in ("", "_bias"):
-            if "gate" + suffix in tensors:
-                gate, up = tensors.pop("gate" + suffix), tensors.pop("up" + suffix)
-                tensors["gate_up" + suffix] = torch.stack([gate, up], dim=1).flatten(0, 1)
-        return {k: (v.T if v.ndim == 2 else v).contiguous().to(dtype) for k, v in tensors.items()}
     if "gate" in parts:
         gate, up = parts.pop("gate"), parts.pop("up")
         a, b = views["gate"], views["up"]

@@ -93,8 +93,12 @@ def rows_json(rows: list[Row]) -> dict:
     return {"rows": [asdict(r) for r in rows]}
 
 
-def plot(rows: list[Row], path: str) -> None:
-    """Hit rate vs cache size, one line per policy (and prefetch), Belady dashed; one panel per trace."""
+METRICS = (("hit_rate", "hit rate", 1.0), ("bytes_per_token", "MB read per token", 1e-6))  # field, axis, scale
+
+
+def figure(rows: list[Row]):
+    """A matplotlib figure of `rows`: per trace, hit rate (top) and bytes read per token (bottom) vs cache size, one
+    line per policy (and prefetch). Prefetch raises both; Belady (dashed) is the bound for demand loading only."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,17 +109,28 @@ def plot(rows: list[Row], path: str) -> None:
     colors = {p: f"C{i % 10}" for i, p in enumerate(policies)} | {"belady": "black"}
     styles = ["-o", ":s", "-.^", "--v", ":D"]  # one per prefetch setting; colour per policy
     prefetches = {pf: styles[i % len(styles)] for i, pf in enumerate(dict.fromkeys(r.prefetch for r in rows))}
-    fig, axes = plt.subplots(1, len(traces), figsize=(5.5 * len(traces), 4), squeeze=False)
-    for ax, name in zip(axes[0], traces):
+    fig, axes = plt.subplots(len(METRICS), len(traces), figsize=(5.5 * len(traces), 7.5), squeeze=False)
+    for column, name in enumerate(traces):
         mine = [r for r in rows if r.trace == name]
-        for label in dict.fromkeys((r.policy, r.prefetch) for r in mine):
-            pts = sorted((r.cache_fraction, r.hit_rate) for r in mine if (r.policy, r.prefetch) == label)
-            text = label[0] if label[1] == "none" else f"{label[0]} + {label[1]}"
-            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], "--" if label[0] == "belady" else prefetches[label[1]],
-                    color=colors[label[0]], label=text)
-        ax.set(title=name, xlabel="cache (% of expert bytes)", ylabel="hit rate", ylim=(0, 1))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        for ax, (field, axis, scale) in zip(axes[:, column], METRICS):
+            for label in dict.fromkeys((r.policy, r.prefetch) for r in mine):
+                pts = sorted((r.cache_fraction, getattr(r, field) * scale) for r in mine if (r.policy, r.prefetch) == label)
+                text = ("belady (demand-only bound)" if label[0] == "belady" else label[0] if label[1] == "none"
+                        else f"{label[0]} + {label[1]}")
+                ax.plot([100 * x for x, _ in pts], [y for _, y in pts],
+                        "--" if label[0] == "belady" else prefetches[label[1]], color=colors[label[0]], label=text)
+            ax.set(title=name, xlabel="cache (% of expert bytes)", ylabel=axis)
+            ax.set_ylim(bottom=0, top=1 if field == "hit_rate" else None)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """Write `figure(rows)` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..errors import ExpertPagerError
 from ..model.read_layout import read_layout
+from ..runtime.load import no_transformers_bars
 from ..runtime.moe_layers import moe_layers, routed_windows, speculate
 from ..runtime.speculator import Speculator, find_speculator
 from .trace import Trace
@@ -61,7 +62,8 @@ def trace_speculation(model_ref: str, traces: dict[str, Trace]) -> dict[str, np.
     path = layout.path
     out = {}
     for dtype in ("auto", torch.float32):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        with no_transformers_bars():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         fitted = find_speculator(path, None, [l.index for l in moe_layers(model)], model.config.hidden_size,
                                  layout.num_experts)
         for name, trace in traces.items():

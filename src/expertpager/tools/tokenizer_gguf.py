@@ -1,11 +1,14 @@
-"""A checkpoint's byte-level BPE tokenizer (tokenizer.json) written into GGUF metadata as convert_hf_to_gguf.py
-writes a "gpt2" vocabulary. SentencePiece tokenizers (tokenizer.model, e.g. Mixtral) and byte-level BPEs whose split
-llama.cpp and transformers' GGUF reader do not both know by one tokenizer.ggml.pre name are not exported yet."""
+"""A checkpoint's tokenizer written into GGUF metadata as convert_hf_to_gguf.py writes it: a SentencePiece model
+(tokenizer.model, e.g. Mixtral) as a "llama" vocabulary with scores and token types, a byte-level BPE
+(tokenizer.json) as a "gpt2" vocabulary. Byte-level BPEs whose split llama.cpp and transformers' GGUF reader do not
+both know by one tokenizer.ggml.pre name are not exported."""
 
 import json
 from pathlib import Path
 
 import gguf
+
+from ..errors import ExpertPagerError
 
 # How llama.cpp splits text before BPE for each tokenizer.ggml.pre name we write: the regex llm_tokenizer_bpe runs
 # for it and the ignore_merges flag llama_vocab::impl::load sets for it, copied from src/llama-vocab.cpp of llama.cpp
@@ -65,8 +68,60 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str | None:
     return min(names, key=lambda name: LLAMA_CPP_SPLITS[name][1] != ignore_merges, default=None)
 
 
+def _added_tokens(folder: Path, config: dict) -> dict[int, tuple[str, bool]]:
+    """Tokens added on top of a SentencePiece model, id: (text, special), from added_tokens.json and then
+    tokenizer_config.json's added_tokens_decoder (special when marked so or when it looks like <|...|>)."""
+    added = {}
+    if (folder / "added_tokens.json").is_file():
+        added = {i: (text, False) for text, i in json.loads((folder / "added_tokens.json").read_text()).items()}
+    for i, token in config.get("added_tokens_decoder", {}).items():
+        text = token["content"]
+        added[int(i)] = (text, bool(token.get("special")) or (text.startswith("<|") and text.endswith("|>")))
+    return added
+
+
+def _add_sentencepiece(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
+    """tokenizer.model as _set_vocab_sentencepiece writes it: pieces, scores and SentencePiece token types, padded
+    to the model's vocabulary with unused [PADi]; added tokens score -1000, control or user-defined."""
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise ExpertPagerError(f"{folder / 'tokenizer.model'}: exporting a SentencePiece tokenizer needs the "
+                               "sentencepiece package (pip install sentencepiece)") from None
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(folder / "tokenizer.model"))
+    except (OSError, RuntimeError) as e:
+        raise ExpertPagerError(f"{folder / 'tokenizer.model'}: not a SentencePiece model ({e})") from None
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores, types = [-10000.0] * vocab_size, [gguf.TokenType.UNUSED] * vocab_size
+    for i in range(min(sp.vocab_size(), vocab_size)):
+        tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
+        types[i] = (gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
+                    else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
+                    else gguf.TokenType.NORMAL)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    for i, (text, special) in _added_tokens(folder, config).items():
+        if i < vocab_size:
+            tokens[i], scores[i] = text if special else text.replace("\u2581", " "), -1000.0
+            types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+    if config.get("add_prefix_space") is not None:
+        w.add_add_space_prefix(config["add_prefix_space"])
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    gguf.SpecialVocab(folder, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+
+
 def add_tokenizer(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> bool:
-    """Add the tokenizer in `folder` to `w`; False when there is none this can export."""
+    """Add the tokenizer in `folder` to `w`; False when there is none this can export. A SentencePiece model
+    (tokenizer.model) comes first, as in convert_hf_to_gguf.py."""
+    if (folder / "tokenizer.model").is_file():
+        _add_sentencepiece(w, folder, vocab_size)
+        return True
     path = folder / "tokenizer.json"
     if not path.exists():
         return False
