@@ -2,8 +2,9 @@
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from ..pager import Decoder, SliceCache, checksum_verifier
 from ..pager.replay import slot_needs
 from ..pager.decode import staging_bytes
 from ..sizes import parse_size
+from .adapter_store import adapter_pieces
+from .adapters import Adapters, attach_resident, read_adapters
 from .gguf_model import FLOAT_TYPES, build_gguf_model, gguf_dtype
 from .compact import compact_bytes, compactor, is_compact
 from .paged_experts import DTYPE_NAMES, PagedExperts, dequantizer, realigner, resident_offsets, stored_offsets
@@ -133,14 +136,25 @@ def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype,
 
 def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
                 decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None,
-                extra_resident: int = 0, tier: str = "dequantized") -> MemoryPlan:
+                extra_resident: int = 0, tier: str = "dequantized",
+                pieces: Mapping[tuple, ExpertSlice] | None = None) -> MemoryPlan:
     """The cache size from `cache` (bytes or 'NN%' of all expert bytes as stored) or from the whole-process
     `max_memory`; everything fits when neither is given. Slots are sized as the cache holds slices (decoded when
     `decoder` is given, plus its staging buffers for `threads` workers); GGUF resident tensors count at `dtype`;
-    `extra_resident` bytes (a speculator's maps) count as resident too; in the compact `tier` as the compact
-    resident modules hold them (resident_held)."""
+    `extra_resident` bytes (a speculator's maps, resident LoRA) count as resident too; in the compact `tier` as the
+    compact resident modules hold them (resident_held). Adapter `pieces` share the cache: with no size given it
+    holds them all too, and its minimum holds one layer's top-k of them beside the slices."""
     if max_memory is not None and cache is not None:
         raise ExpertPagerError("give either max_memory (the whole process) or cache (the expert cache), not both")
+    plan = _plan_slices(layout, max_memory, cache, decoder, threads, dtype, extra_resident, tier,
+                        sum(slot_needs(pieces).values()) if pieces else 0)
+    if not pieces:
+        return plan
+    return replace(plan, min_cache_bytes=plan.min_cache_bytes + layout.experts_per_token * max(slot_needs(pieces).values()))
+
+
+def _plan_slices(layout: Layout, max_memory: str | int | None, cache: str | int | None, decoder: Decoder | None,
+                 threads: int, dtype: torch.dtype | None, extra_resident: int, tier: str, piece_bytes: int) -> MemoryPlan:
     raw = slot_needs(layout.slices)
     needs, staging = list(raw.values()), 0
     if decoder is not None and decoder.in_place:
@@ -163,7 +177,7 @@ def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int |
         resident = resident_held(layout) if compact_resident else resident_in_memory(layout, itemsize)
         plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging, resident=resident + extra_resident)
     else:
-        plan = plan_cache(layout, sum(needs) + staging, slot, staging=staging)
+        plan = plan_cache(layout, sum(needs) + staging + piece_bytes, slot, staging=staging)
     return plan
 
 
@@ -188,15 +202,17 @@ def min_cache_bytes(layout: Layout, expert_cache: str = DEFAULT_EXPERT_CACHE, dt
 
 def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
                  decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None,
-                 extra_resident: int = 0, tier: str = "dequantized") -> MemoryPlan:
+                 extra_resident: int = 0, tier: str = "dequantized",
+                 pieces: Mapping[tuple, ExpertSlice] | None = None) -> MemoryPlan:
     """plan_budget, with a clear error when the minimum cache does not fit."""
-    plan = plan_budget(layout, max_memory, cache, decoder, threads, dtype, extra_resident, tier)
+    plan = plan_budget(layout, max_memory, cache, decoder, threads, dtype, extra_resident, tier, pieces)
     staging = plan.staging_bytes
     if not plan.fits:
         need = plan.min_cache_bytes + plan.resident_bytes + plan.reserve_bytes if max_memory is not None else plan.min_cache_bytes
         what = "max_memory" if max_memory is not None else "the cache"
         raise ExpertPagerError(f"{layout.path}: {what} is too small: at least {need:,} bytes are needed "
                                f"(one layer's top-{layout.experts_per_token} slices of {plan.slice_bytes:,} bytes"
+                               + (" and their adapter pieces" if pieces else "")
                                + (f", {staging:,} staging" if staging else "")
                                + (f", {plan.resident_bytes:,} resident, {plan.reserve_bytes:,} reserve)" if max_memory is not None else ")"))
     return plan
@@ -219,7 +235,8 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
          dtype: torch.dtype | str = "auto", expert_cache: str = DEFAULT_EXPERT_CACHE,
          predictors: "str | Sequence[str | Predictor] | None" = None, profiles: str | Path | None = None,
          speculator: "str | Path | Speculator | bool | None" = None, progress: bool = False,
-         quantize: str | None = None) -> PreTrainedModel:
+         quantize: str | None = None, adapters: Mapping[str, str | Path] | None = None,
+         adapter: str | None = None) -> PreTrainedModel:
     """A transformers causal LM for `model_ref` with paged experts; `model.pager` is its SliceCache.
 
     max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
@@ -231,9 +248,15 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     folder's `speculator.safetensors` when there is one, a path to such a file, or False for the plain routers;
     `model.speculator` is the one in use. progress: a bar on stderr while a GGUF's resident tensors load.
     quantize: "int4" or "int8" holds a float checkpoint's experts in the compact tier (round to nearest per group
-    of 32, or per row), computing in bfloat16; resident weights stay as loaded."""
+    of 32, or per row), computing in bfloat16; resident weights stay as loaded.
+    adapters: NAME -> PEFT LoRA folder; their expert LoRA is paged through `model.pager` beside the slices, their
+    resident LoRA held in memory; `model.adapters` chooses one (`model.adapters.use(NAME)`), `adapter` at first."""
     layout = read_layout(model_ref)
     tier = resolve_tier(layout, expert_cache, quantize)
+    infos = read_adapters(adapters or {}, layout.num_experts)
+    if tier == "compact" and any(info.experts for info in infos.values()):
+        raise ExpertPagerError("expert LoRA is merged into float expert weights; the compact expert cache has none "
+                               "(use --expert-cache dequantized, or no --quantize)")
     dtype = compute_dtype(layout, dtype, tier)
     decoder, served = expert_tier(layout, expert_cache, dtype, quantize)
     offsets = {} if tier == "compact" else expert_offsets(layout, dtype)  # compact slices are served as stored
@@ -259,8 +282,22 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
             p.speculator = model.speculator
         if model.speculator is not None and max_memory is not None:  # its maps stay in memory too
             plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, model.speculator.nbytes, tier)
+    model.adapters = Adapters(infos)
+    pieces = model.adapters.pieces
+    if infos:
+        paged = {m.layer: m for m in model.modules() if isinstance(m, PagedExperts)}
+        model.adapters.resident_bytes = attach_resident(model, infos, model.adapters)
+        for info in infos.values():
+            missing = [layer for layer in info.expert_layers if layer not in paged]
+            if missing:
+                raise ExpertPagerError(f"{info.path}: the adapter adapts experts of layer {missing[0]}, which has none")
+            pieces.update(adapter_pieces(info, layout.num_experts, {l: m.is_transposed for l, m in paged.items()}, dtype,
+                                         progress))
+        model.adapters.select(adapter)
+        extra = model.adapters.resident_bytes + (model.speculator.nbytes if model.speculator is not None else 0)
+        plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, extra, tier, pieces)
     verify = checksum_verifier(layout.slices, layout.checksums) if layout.checksums else None
-    pager = SliceCache(layout.slices, plan.cache_bytes, policy=policy, io=io, threads=threads,
+    pager = SliceCache({**layout.slices, **pieces}, plan.cache_bytes, policy=policy, io=io, threads=threads,
                        min_pinned=layout.experts_per_token, verify=verify, decode=decoder)
     for module in model.modules():
         if isinstance(module, PagedExperts):
@@ -269,9 +306,11 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
             module.offsets = {e: offsets[(module.layer, e)] for e in range(layout.num_experts)} if offsets else {}
             module.dtype = dtype
             module.transpose = module.is_transposed and layout.weights_format == "gguf"
-            module.chunk = max(layout.experts_per_token, pager.num_slots // (2 if prefetch else 1))
+            per_expert = 2 if pieces else 1  # a slice and its adapter piece
+            module.chunk = max(layout.experts_per_token, pager.num_slots // per_expert // (2 if prefetch else 1))
             if not prefetch:
-                module.chunk = pager.num_slots
+                module.chunk = pager.num_slots // per_expert
+            module.adapters = model.adapters if infos else None
     model.pager = pager
     model.layout = layout
     model.memory_plan = plan
