@@ -81,6 +81,7 @@ STAT_ROWS = (("prefill tokens/s", "prefill_tokens_per_s", "{:.1f}"), ("decode to
              ("bytes read from disk", "bytes_read", "size"), ("stall time", "stall_seconds", "{:.3f} s"),
              ("expert cache", "cache_bytes", "size"), ("resident weights", "resident_bytes", "size"),
              ("peak RSS", "peak_rss_bytes", "size"))
+ADAPTER_ROWS = (("adapter piece hit rate", "adapter_hit_rate", "{:.1%}"), ("adapter bytes read", "adapter_bytes_read", "size"))
 
 
 def _stats_table(columns: dict[str, dict]) -> Table:
@@ -88,7 +89,8 @@ def _stats_table(columns: dict[str, dict]) -> Table:
     t.add_column("")
     for name in columns:
         t.add_column(name, justify="right")
-    for label, key, fmt in STAT_ROWS:
+    rows = STAT_ROWS + (ADAPTER_ROWS if any("adapter_hit_rate" in c for c in columns.values()) else ())
+    for label, key, fmt in rows:
         cells = [format_size(c.get(key, 0)) if fmt == "size" else fmt.format(c.get(key, 0)) for c in columns.values()]
         t.add_row(label, *cells)
     return t
@@ -116,18 +118,21 @@ def run(
     expert_cache: str = typer.Option("auto", "--expert-cache",
                                      help="What the cache holds for quantized slices: compact (int4/int8 at about the stored size, bfloat16 compute; the default for a quantized GGUF), dequantized (decoded once at page-in) or raw (decoded on every use). auto picks compact where it applies."),
     quantize: str = typer.Option(None, "--quantize", help="int4 or int8: hold a bf16/f16/f32 checkpoint's experts in the compact tier (round to nearest per 32 weights, or per row), bfloat16 compute."),
+    adapter: list[str] = typer.Option(None, "--adapter", help="A PEFT LoRA adapter folder, as PATH or NAME=PATH (name: the folder's); repeat for several. Its expert LoRA is paged through the same cache."),
+    use_adapter: str = typer.Option(None, "--use-adapter", help="The adapter this run uses, by name (default: the first --adapter; none: the base model)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: tokens, text, stats."),
 ) -> None:
     """Generate text with expert slices paged from disk under a memory budget (greedy by default)."""
     from .model.demo import demo_model_path
     from .model.read_layout import read_layout
-    from .runner import load_tokenizer, open_model, run_once
+    from .runner import adapter_choice, load_tokenizer, open_model, parse_adapters, run_once
 
     ref = model or str(demo_model_path())
     tokenizer = load_tokenizer(read_layout(ref).path)
+    adapters = parse_adapters(adapter or [])
     options = dict(max_memory=max_memory, cache=cache, policy=policy, prefetch=prefetch, io=io, expert_cache=expert_cache,
                    predictors=predictor, profiles=profiles, speculator=False if speculator == "none" else speculator,
-                   progress=not json_out, quantize=quantize)
+                   progress=not json_out, quantize=quantize, adapters=adapters, adapter=adapter_choice(adapters, use_adapter))
     if chat:
         _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed)
         return

@@ -38,13 +38,43 @@ def load_tokenizer(path: str):
         return None
 
 
-def load_resident(path: str) -> PreTrainedModel:
-    """The same checkpoint fully in memory through plain transformers (safetensors checkpoints only)."""
+def load_resident(path: str, adapter: str | Path | None = None) -> PreTrainedModel:
+    """The same checkpoint fully in memory through plain transformers (safetensors checkpoints only), with the LoRA
+    adapter folder `adapter` applied by peft itself when given."""
     if Path(path).suffix == ".gguf":
         raise ExpertPagerError(f"{path}: --resident and --compare need an HF safetensors checkpoint; "
                                "a GGUF runs paged only (give --cache 100% to hold every slice)")
     with no_transformers_bars():
-        return AutoModelForCausalLM.from_pretrained(path).eval()
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+    if adapter is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter)).eval()
+
+
+def parse_adapters(values: list[str]) -> dict[str, str]:
+    """`--adapter` values, PATH or NAME=PATH, as NAME -> PATH (a bare PATH is named after its folder)."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or "/" in name:
+            name, path = Path(value).name, value
+        if not name or not path:
+            raise ExpertPagerError(f"--adapter takes PATH or NAME=PATH, got {value!r}")
+        if name in out:
+            raise ExpertPagerError(f"--adapter: two adapters named {name!r}; name them with NAME=PATH")
+        out[name] = path
+    return out
+
+
+def adapter_choice(adapters: dict[str, str], use: str | None) -> str | None:
+    """The adapter a run uses: `use` (none: the base model), else the first one given."""
+    if use == "none":
+        return None
+    if use is not None and use not in adapters:
+        raise ExpertPagerError(f"--use-adapter {use!r}: no such adapter; given: {', '.join(adapters) or 'none'}")
+    return use or next(iter(adapters), None)
 
 
 @dataclass
@@ -77,6 +107,9 @@ def run_once(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int,
                      hits=s.hits, misses=s.misses, bytes_read=s.bytes_read, stall_seconds=s.stall_seconds,
                      read_gbps=s.read_gbps, cache_bytes=pager.pool_bytes, cache_slots=pager.num_slots,
                      expert_bytes=model.layout.expert_bytes, policy=type(pager.policy).__name__.lower())
+        if model.adapters.names:
+            stats.update(adapter=model.adapters.active, adapter_hit_rate=s.adapters.hit_rate,
+                         adapter_bytes_read=s.adapters.bytes_read, adapter_resident_bytes=model.adapters.resident_bytes)
     else:
         stats.update(hit_rate=1.0, prefetch_hit_rate=0.0, bytes_read=0, stall_seconds=0.0, cache_bytes=0)
     text = tokenizer.decode(gen.tokens, skip_special_tokens=True) if tokenizer is not None else None
@@ -84,10 +117,11 @@ def run_once(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int,
 
 
 def open_model(model_ref: str, resident: bool, **load_options) -> PreTrainedModel:
-    """Paged (default) or fully resident."""
+    """Paged (default) or fully resident (with the chosen adapter applied by peft)."""
     if resident:
         from .model.read_layout import read_layout
 
-        return load_resident(read_layout(model_ref).path)
+        chosen = load_options.get("adapter")
+        return load_resident(read_layout(model_ref).path, load_options["adapters"][chosen] if chosen else None)
     return load(model_ref, **load_options)
 
