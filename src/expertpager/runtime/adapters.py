@@ -76,7 +76,8 @@ def attach_resident(model: nn.Module, infos: Mapping[str, AdapterInfo], adapters
         with safe_open(str(Path(info.path) / WEIGHTS_FILE), framework="pt") as f:
             for path, (pair, scaling) in info.linears.items():
                 module = _linear(model, path, info)
-                a, b = f.get_tensor(pair.a.name).to(LORA_DTYPE), f.get_tensor(pair.b.name).to(LORA_DTYPE)
+                # fresh (aligned) tensors, as peft's nn.Linear weights are: a product's rounding may depend on the address
+                a, b = (f.get_tensor(t.name).to(LORA_DTYPE, copy=True) for t in (pair.a, pair.b))
                 if a.shape[1] != module.in_features or b.shape[0] != module.out_features or b.shape[1] != a.shape[0]:
                     raise ExpertPagerError(f"{info.path}: LoRA of {path} has A {list(a.shape)} and B {list(b.shape)}, which do "
                                            f"not fit the model's {module.in_features} -> {module.out_features} linear")

@@ -194,10 +194,12 @@ def resident_held(layout: Layout) -> int:
     return total
 
 
-def min_cache_bytes(layout: Layout, expert_cache: str = DEFAULT_EXPERT_CACHE, dtype: torch.dtype | str = "auto") -> int:
-    """The smallest cache `load` accepts: one layer's top-k slots as the tier holds them, plus decode staging."""
+def min_cache_bytes(layout: Layout, expert_cache: str = DEFAULT_EXPERT_CACHE, dtype: torch.dtype | str = "auto",
+                    pieces: Mapping[tuple, ExpertSlice] | None = None) -> int:
+    """The smallest cache `load` accepts: one layer's top-k slots as the tier holds them (and as many for adapter
+    `pieces`, when given), plus decode staging."""
     decoder, _ = expert_tier(layout, expert_cache, compute_dtype(layout, dtype, resolve_tier(layout, expert_cache)))
-    return plan_budget(layout, None, None, decoder).min_cache_bytes
+    return plan_budget(layout, None, None, decoder, pieces=pieces).min_cache_bytes
 
 
 def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
