@@ -10,7 +10,9 @@ import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, DynamicCache
+from typer.testing import CliRunner
 
+from expertpager.cli import app
 from expertpager.errors import ExpertPagerError
 from expertpager.runtime.adapter_store import adapter_pieces
 from expertpager.runtime.load import load, min_cache_bytes
@@ -18,7 +20,7 @@ from tiny_adapters import save_peft_adapter, save_per_expert_adapter
 from tiny_models import save_tiny
 
 PROMPT = [5, 17, 33, 42, 8, 61, 9, 12, 77, 3, 50, 21]
-STEPS = 6
+STEPS = 4
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +65,7 @@ def test_target_parameters_adapter_equals_peft(root, arch, dtype):
     want = peft_trace(folder, adapter)
     base = logits_trace(AutoModelForCausalLM.from_pretrained(folder))
     assert not torch.equal(want[0], base[0])  # the adapter changes the output
-    for cache in ("min", "50%", None):
+    for cache in ("min", "50%"):
         if cache == "min":
             probe = load(folder, adapters={"a": adapter})
             cache = min_cache_bytes(probe.layout, pieces=probe.adapters.pieces)
@@ -78,8 +80,9 @@ def test_target_parameters_adapter_equals_peft(root, arch, dtype):
         assert stats.adapters.misses > 0 and stats.adapters.bytes_read > 0
         if isinstance(cache, int):
             assert stats.evictions > 0 and stats.adapters.evictions > 0
-        with model.adapters.use(None):  # the same model without the adapter is the base model
-            assert_same(base, logits_trace(model), f"{arch} {dtype} cache={cache} no adapter")
+        if cache == "50%":
+            with model.adapters.use(None):  # the same model without the adapter is the base model
+                assert_same(base, logits_trace(model), f"{arch} {dtype} cache={cache} no adapter")
         model.pager.close()
 
 
@@ -167,13 +170,13 @@ def test_bad_adapters(root, tmp_path):
 def test_cli_compare_with_adapter(root):
     folder = save_tiny("qwen3_moe", root / "cli")
     a = save_peft_adapter(folder, root / "lora-cli")
-    run = [sys.executable, "-m", "expertpager", "run", str(folder), "--prompt-ids", "5,6,7,8", "-n", "6", "--cache", "30%"]
-    out = subprocess.run([*run, "--adapter", f"code={a}", "--compare", "--json"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    run = ["run", str(folder), "--prompt-ids", "5,6,7,8", "-n", "6", "--cache", "30%", "--adapter", f"code={a}"]
+    out = CliRunner().invoke(app, [*run, "--compare", "--json"])  # resident: peft's own model with the adapter
+    assert out.exit_code == 0, out.output
     result = json.loads(out.stdout)
     assert result["identical"] and result["paged"]["stats"]["adapter"] == "code"
     assert result["paged"]["stats"]["adapter_bytes_read"] > 0
-    base = subprocess.run([*run, "--adapter", f"code={a}", "--use-adapter", "none", "--json"], capture_output=True, text=True)
+    base = CliRunner().invoke(app, [*run, "--use-adapter", "none", "--json"])
     assert json.loads(base.stdout)["tokens"] != result["paged"]["tokens"]
-    bad = subprocess.run([*run, "--adapter", f"code={a}", "--use-adapter", "prose"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "expertpager", *run, "--use-adapter", "prose"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no such adapter" in bad.stderr and "Traceback" not in bad.stderr
