@@ -18,6 +18,7 @@ expert hit rate. Prints a table, then one JSON line.
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -30,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from expertpager.model.demo import demo_model_path
 from expertpager.pager import drop_page_cache
+from expertpager.pager.replay import slot_needs
 from expertpager.runtime.generate import generate
 from expertpager.runtime.load import load
 
@@ -104,15 +106,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         store = Path(tmp) / "store"
-        import os
-
         os.environ["EXPERTPAGER_CACHE"] = str(store)
         paths = make_adapters(args.adapters, Path(tmp) / "adapters")
         paths.update({d: TRAINED / d for d in ("code", "prose") if (TRAINED / d).is_dir()})
-        probe = load(folder, adapters=paths)
-        slot = lambda keys: sum(-(-max(p.offset + p.length for p in probe.adapters.pieces[k].parts) // 4096) * 4096 for k in keys)  # noqa: E731
-        per_adapter = slot([k for k in probe.adapters.pieces if k[2] == "gen00"])
-        slices = sum(probe.pager.slot_sizes) - slot(probe.adapters.pieces)
+        probe = load(folder, adapters=paths)  # every slice and piece fits: the slot sizes of each
+        pieces = slot_needs(probe.adapters.pieces)
+        per_adapter = sum(n for k, n in pieces.items() if k[2] == "gen00")
+        slices = sum(slot_needs(probe.layout.slices).values())
         probe.pager.close()
         cache = int(slices * args.cache_experts / 100) + args.hold * per_adapter
         drop_pages(folder, store / "adapters")
