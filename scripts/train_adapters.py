@@ -32,7 +32,14 @@ def train_one(domain: str, args: argparse.Namespace, tokenizer, held: dict[str, 
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     model = get_peft_model(model, config)
-    stream = encode_stream(tokenizer, DOMAINS[domain]()[0])
+    docs = DOMAINS[domain]()[0]
+    docs = [docs[i] for i in torch.randperm(len(docs), generator=torch.Generator().manual_seed(args.seed)).tolist()]
+    kept, size = [], 0
+    for doc in docs:  # a random subset of the training documents, up to --train-chars: a few steps see little more
+        if size < args.train_chars:
+            kept.append(doc)
+            size += len(doc)
+    stream = encode_stream(tokenizer, kept)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
@@ -63,6 +70,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-chars", type=int, default=1_000_000, help="Training text per domain, in characters.")
     parser.add_argument("--held-tokens", type=int, default=2048, help="Held-out tokens per domain to evaluate on.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
