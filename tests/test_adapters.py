@@ -180,3 +180,17 @@ def test_cli_compare_with_adapter(root):
     assert json.loads(base.stdout)["tokens"] != result["paged"]["tokens"]
     bad = subprocess.run([sys.executable, "-m", "expertpager", *run, "--use-adapter", "prose"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no such adapter" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_demo_adapters_equal_peft():
+    from expertpager.model.demo import demo_model_path
+
+    folder = demo_model_path()
+    ids = torch.tensor([PROMPT])
+    paths = {d: folder / "adapters" / d for d in ("code", "prose")}
+    model = load(folder, cache="25%", adapters=paths)
+    for name, path in paths.items():
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), str(path)).eval()
+        with torch.inference_mode(), model.adapters.use(name):
+            assert torch.equal(peft_model(input_ids=ids).logits, model(input_ids=ids).logits), name
+    model.pager.close()
