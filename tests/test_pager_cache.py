@@ -323,3 +323,28 @@ def test_unknown_key_and_closed_cache(tmp_path):
     with pytest.raises(ExpertPagerError, match="closed"):
         cache.pin((0, 0))
     cache.close()
+
+
+def test_adapter_pieces_share_slots_and_budget_and_count_apart(tmp_path):
+    slices, contents = write_model(tmp_path, layers=2, experts=4, size=9000)
+    (tmp_path / "pieces").mkdir()
+    small, more = write_model(tmp_path / "pieces", layers=2, experts=4, size=500, seed=1)
+    pieces = {(*k, "code"): s for k, s in small.items()}  # keyed (layer, expert, adapter)
+    contents.update(more)
+    big, piece = _need(slices), max(plan_reads(s).slot_bytes for s in pieces.values())
+    with pytest.raises(ExpertPagerError, match="and 2 of its adapter pieces"):
+        SliceCache({**slices, **pieces}, budget=2 * big + 2 * piece - 1, min_pinned=2)
+    with SliceCache({**slices, **pieces}, budget=2 * big + 2 * piece, min_pinned=2, threads=0) as cache:
+        assert sorted(cache.slot_sizes) == [piece, piece, big, big]
+        for layer in (0, 1, 0):
+            keys = [(layer, 0), (layer, 1), (layer, 0, "code"), (layer, 1, "code")]
+            with cache.pin_many(keys) as pinned:
+                for key in keys:
+                    assert pinned[key].key == key
+                    for p in {**slices, **pieces}[key].parts:
+                        assert pinned[key].views[p.role].tobytes() == contents[p.file][p.offset:p.offset + p.length]
+        s = cache.stats_snapshot()
+    assert (s.misses, s.hits, s.evictions) == (6, 0, 4)  # expert slices only: 2 per pass, never held over
+    assert (s.adapters.misses, s.adapters.evictions) == (6, 4) and s.adapters.bytes_read > 0
+    assert s.bytes_read == sum(slices[(l, e)].nbytes for l in (0, 1, 0) for e in (0, 1))
+    assert s.to_dict()["adapters"]["misses"] == 6

@@ -100,6 +100,7 @@ STAT_ROWS = (("prefill tokens/s", "prefill_tokens_per_s", "{:.1f}"), ("decode to
              ("peak RSS", "peak_rss_bytes", "size"))
 REMOTE_ROWS = (("store hit rate", "store_hit_rate", "{:.1%}"), ("fetched remotely", "remote_bytes", "size"),
                ("remote fetch time", "remote_seconds", "{:.3f} s"), ("store on disk", "store_bytes", "size"))
+ADAPTER_ROWS = (("adapter piece hit rate", "adapter_hit_rate", "{:.1%}"), ("adapter bytes read", "adapter_bytes_read", "size"))
 
 
 def _stats_table(columns: dict[str, dict]) -> Table:
@@ -107,8 +108,9 @@ def _stats_table(columns: dict[str, dict]) -> Table:
     t.add_column("")
     for name in columns:
         t.add_column(name, justify="right")
-    remote = any("remote_bytes" in c for c in columns.values())
-    for label, key, fmt in STAT_ROWS + (REMOTE_ROWS if remote else ()):
+    rows = STAT_ROWS + (REMOTE_ROWS if any("remote_bytes" in c for c in columns.values()) else ())
+    rows += ADAPTER_ROWS if any("adapter_hit_rate" in c for c in columns.values()) else ()
+    for label, key, fmt in rows:
         cells = [format_size(c.get(key, 0)) if fmt == "size" else fmt.format(c.get(key, 0)) for c in columns.values()]
         t.add_row(label, *cells)
     return t
@@ -160,13 +162,15 @@ def run(
     store: str = typer.Option(None, "--store", help=STORE_HELP),
     disk: str = typer.Option(None, "--disk", help=DISK_HELP),
     offline: bool = typer.Option(None, "--offline/--online", help=OFFLINE_HELP),
+    adapter: list[str] = typer.Option(None, "--adapter", help="A PEFT LoRA adapter folder, as PATH or NAME=PATH (name: the folder's); repeat for several. Its expert LoRA is paged through the same cache."),
+    use_adapter: str = typer.Option(None, "--use-adapter", help="The adapter this run uses, by name (default: the first --adapter; none: the base model)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: tokens, text, stats."),
 ) -> None:
     """Generate text with expert slices paged from disk under a memory budget (greedy by default); a remote model's
     slices come from its local store, fetched by HTTP range when missing."""
     from .model.demo import demo_model_path
     from .remote import resolve_layout
-    from .runner import load_tokenizer, open_model, run_once
+    from .runner import adapter_choice, load_tokenizer, open_model, parse_adapters, run_once
 
     ref = model or str(demo_model_path())
     layout, remote = resolve_layout(ref, store, parse_size(disk) if disk else None, offline)
@@ -175,8 +179,10 @@ def run(
     if remote is not None:
         remote.fetch_resident(progress=not json_out)
     tokenizer = load_tokenizer(layout.path)
+    adapters = parse_adapters(adapter or [])
     options = _load_options(max_memory, cache, policy, prefetch, predictor, profiles, speculator, io, expert_cache, quantize,
-                            progress=not json_out) | {"store": remote}
+                            progress=not json_out) | {"store": remote, "adapters": adapters,
+                                                      "adapter": adapter_choice(adapters, use_adapter)}
     if chat:
         _chat(ref, tokenizer, resident, options, max_new_tokens, temperature, seed)
         return

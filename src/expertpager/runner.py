@@ -44,19 +44,50 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def load_resident(path: str, **load_options) -> PreTrainedModel:
-    """The same checkpoint fully in memory: a local HF safetensors checkpoint through plain transformers; a GGUF, a
-    repacked store or a remote model through the same paged code with every slice cached and loaded first
-    (load_all_cached, with the tier, dtype, I/O, store and progress options of `load_options`; budgets and
-    predictors do not apply)."""
+def load_resident(path: str, adapter: str | Path | None = None, **load_options) -> PreTrainedModel:
+    """The same checkpoint fully in memory: a local HF safetensors checkpoint through plain transformers, with the
+    LoRA adapter folder `adapter` applied by peft itself when given; a GGUF, a repacked store or a remote model
+    through the same paged code with every slice cached and loaded first (load_all_cached, with the tier, dtype, I/O,
+    store and progress options of `load_options`; budgets and predictors do not apply)."""
     from .model.read_layout import read_layout
     from .remote import is_remote
 
     if is_remote(str(path)) or read_layout(path).format != "safetensors":
+        if adapter is not None:
+            raise ExpertPagerError(f"{path}: --resident and --compare with an adapter need a local HF safetensors checkpoint")
         keep = ("expert_cache", "dtype", "quantize", "io", "threads", "progress", "store", "disk", "offline")
         return load_all_cached(path, **{k: v for k, v in load_options.items() if k in keep})
     with no_transformers_bars():
-        return AutoModelForCausalLM.from_pretrained(read_layout(path).path).eval()
+        model = AutoModelForCausalLM.from_pretrained(read_layout(path).path).eval()
+    if adapter is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter)).eval()
+
+
+def parse_adapters(values: list[str]) -> dict[str, str]:
+    """`--adapter` values, PATH or NAME=PATH, as NAME -> PATH (a bare PATH is named after its folder)."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or "/" in name:
+            name, path = Path(value).name, value
+        if not name or not path:
+            raise ExpertPagerError(f"--adapter takes PATH or NAME=PATH, got {value!r}")
+        if name in out:
+            raise ExpertPagerError(f"--adapter: two adapters named {name!r}; name them with NAME=PATH")
+        out[name] = path
+    return out
+
+
+def adapter_choice(adapters: dict[str, str], use: str | None) -> str | None:
+    """The adapter a run uses: `use` (none: the base model), else the first one given."""
+    if use == "none":
+        return None
+    if use is not None and use not in adapters:
+        raise ExpertPagerError(f"--use-adapter {use!r}: no such adapter; given: {', '.join(adapters) or 'none'}")
+    return use or next(iter(adapters), None)
 
 
 @dataclass
@@ -92,6 +123,10 @@ def run_once(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int,
         store = getattr(model, "store", None)
         if store is not None:
             stats.update(store.stats().to_dict())
+        adapters = getattr(model, "adapters", None)
+        if adapters is not None and adapters.names:
+            stats.update(adapter=adapters.active, adapter_hit_rate=s.adapters.hit_rate,
+                         adapter_bytes_read=s.adapters.bytes_read, adapter_resident_bytes=adapters.resident_bytes)
     else:
         stats.update(hit_rate=1.0, prefetch_hit_rate=0.0, bytes_read=0, stall_seconds=0.0, cache_bytes=0)
     text = tokenizer.decode(gen.tokens, skip_special_tokens=True) if tokenizer is not None else None
@@ -99,8 +134,9 @@ def run_once(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int,
 
 
 def open_model(model_ref: str, resident: bool, **load_options) -> PreTrainedModel:
-    """Paged (default) or fully resident."""
+    """Paged (default) or fully resident (with the chosen adapter applied by peft)."""
     if resident:
-        return load_resident(model_ref, **load_options)
+        chosen = load_options.get("adapter")
+        return load_resident(model_ref, load_options["adapters"][chosen] if chosen else None, **load_options)
     return load(model_ref, **load_options)
 

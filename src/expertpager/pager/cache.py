@@ -140,14 +140,16 @@ class SliceCache:
     """Expert slices under a byte budget: `pin` (a context manager) blocks until the slice is loaded and keeps
     it resident while held; `prefetch` loads ahead in worker threads.
 
-    slices: the layout's slices; budget: bytes for the slot pool (allocated and touched here, never grown);
+    slices: the layout's slices, keyed (layer, expert), and any adapter pieces, keyed (layer, expert, adapter): the
+    same slots, policy and budget hold both, and `min_pinned` slots are kept for pieces too; budget: bytes for the slot pool (allocated and touched here, never grown);
     policy: "lru", "lfu", "cycle", or a Policy instance (Belady(trace) for replaying a known trace);
     io: "auto", "direct", "buffered+dontneed" or "buffered"; threads: prefetch workers; min_pinned: slots of the
     largest size the budget must hold; verify(key, views): called after each read, before the slice is served;
     wait_timeout: seconds a pin waits for a slot to be released before giving up; decode: a Decoder whose output
-    the slots hold instead of the raw bytes (raw bytes go to staging buffers, counted in the budget, and are
-    verified there before decoding); source(key): a context manager that makes the slice's files present while it
-    is read (a local store of a remote checkpoint; its files are then opened per read, as the store may replace them).
+    the slots hold instead of the raw bytes for the keys it has views for (raw bytes go to staging buffers, counted
+    in the budget, and are verified there before decoding); source(key): a context manager that makes the slice's
+    files present while it is read (a local store of a remote checkpoint; its files are then opened per read, as the
+    store may replace them).
     """
 
     def __init__(
@@ -169,13 +171,15 @@ class SliceCache:
         self._plans: dict[SliceKey, ReadPlan] = {k: plan_reads(s) for k, s in self._slices.items()}
         needs = {k: p.slot_bytes for k, p in self._plans.items()}
         stage_size, stages = 0, 0
+        decoded = {k: n for k, n in needs.items() if decode is not None and k in decode.views}  # the rest as read
         if decode is not None and decode.in_place:
-            needs = {k: max(n, decode.slot_bytes(k)) for k, n in needs.items()}
+            needs = {k: max(n, decode.slot_bytes(k)) if k in decoded else n for k, n in needs.items()}
         elif decode is not None:
-            stage_size, stages = staging_bytes(needs, threads)
-            needs = {k: decode.slot_bytes(k) for k in needs}
+            stage_size, stages = staging_bytes(decoded, threads)
+            needs = {k: decode.slot_bytes(k) if k in decoded else n for k, n in needs.items()}
         self.staging_bytes = stage_size * stages
-        slot_sizes = plan_slots(list(needs.values()), budget, min_pinned, self.staging_bytes)
+        pieces = [n for k, n in needs.items() if len(k) > 2]  # adapter pieces, pinned beside their experts' slices
+        slot_sizes = plan_slots(list(needs.values()), budget, min_pinned, self.staging_bytes, max(pieces, default=0))
         self._files = Files({r.file for p in self._plans.values() for r in p.runs}, io, keep_open=source is None)
         self._source = source or (lambda key: nullcontext())
         self._pool = SlotPool(slot_sizes + [stage_size] * stages)
@@ -300,7 +304,7 @@ class SliceCache:
             raise ExpertPagerError("the slice cache is closed")
         for key in keys:
             if key not in self._plans:
-                raise ExpertPagerError(f"no expert slice {key} in this cache (layer, expert)")
+                raise ExpertPagerError(f"no expert slice or adapter piece {key} in this cache")
 
     def _claim(self, keys: tuple[SliceKey, ...]) -> tuple[list[tuple[SliceKey, SliceBuffer]], list[_Load], list[_Load]]:
         """Under the lock: pin every key, starting loads for the missing ones once slots for all are found. Returns
@@ -373,7 +377,7 @@ class SliceCache:
             if slot.prefetched:
                 self._count["prefetch_wasted"][slot.li] += 1
             slot.handle = None
-        slot.key, slot.li, slot.pins, slot.prefetched = key, self._stats.index[key[0]], 0, False
+        slot.key, slot.li, slot.pins, slot.prefetched = key, self._stats.row(key), 0, False
         return slot
 
     def _start(self, key: SliceKey, slot: _Slot) -> _Load:
@@ -417,7 +421,7 @@ class SliceCache:
         t0 = time.perf_counter()
         error, views = None, None
         try:
-            if self._decode is None:
+            if self._decode is None or key not in self._decode.views:
                 views = self._read(key, slot.memory, slot.base)
             else:
                 stage = (slot.memory, slot.base) if self._decode.in_place else self._stages.get()
@@ -476,7 +480,7 @@ class SliceCache:
             for key in keys:
                 key = tuple(key)
                 if key not in self._plans:
-                    raise ExpertPagerError(f"no expert slice {key} in this cache (layer, expert)")
+                    raise ExpertPagerError(f"no expert slice or adapter piece {key} in this cache")
                 if key not in self._ready and key not in self._loading and key not in self._queued:
                     self._queued[key] = None
                     n += 1

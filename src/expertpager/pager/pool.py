@@ -24,11 +24,12 @@ def class_of(need: int, classes: Sequence[int]) -> int:
     return min(c for c in classes if c >= need)
 
 
-def plan_slots(needs: Sequence[int], budget: int, min_pinned: int = 1, reserved: int = 0) -> list[int]:
+def plan_slots(needs: Sequence[int], budget: int, min_pinned: int = 1, reserved: int = 0, pinned_with: int = 0) -> list[int]:
     """Slot sizes for a pool of at most `budget - reserved` bytes (`reserved`: staging buffers kept beside the slots):
     `min_pinned` slots of the largest class (even where fewer slices need that class: a smaller slice may sit in a
-    large slot, and a layer's top-k must still be placeable at once), the rest shared between classes in proportion
-    to their bytes; no class gets more slots than it has slices beyond that."""
+    large slot, and a layer's top-k must still be placeable at once), and `min_pinned` more of the class of
+    `pinned_with` bytes when pieces that size are pinned beside each slice (an adapter's expert factors); the rest
+    shared between classes in proportion to their bytes; no class gets more slots than it has slices beyond that."""
     classes = size_classes(needs)
     budget -= reserved
     demand = Counter(class_of(n, classes) for n in needs)
@@ -36,15 +37,18 @@ def plan_slots(needs: Sequence[int], budget: int, min_pinned: int = 1, reserved:
         counts = dict(demand)
     else:
         largest = classes[0]
-        if budget < min_pinned * largest:
-            raise ExpertPagerError(
-                f"budget of {budget + reserved} bytes cannot hold {min_pinned} slot(s) of the largest expert slice: "
-                f"{min_pinned * largest + reserved} bytes needed ({largest} bytes per slot"
-                + (f", plus {reserved} bytes of staging buffers)" if reserved else ")")
-            )
         counts = {c: 0 for c in classes}
         counts[largest] = min_pinned
-        rest = budget - counts[largest] * largest
+        if pinned_with:
+            counts[class_of(pinned_with, classes)] += min_pinned
+        floor = sum(c * k for c, k in counts.items())
+        if budget < floor:
+            raise ExpertPagerError(
+                f"budget of {budget + reserved} bytes cannot hold {min_pinned} slot(s) of the largest expert slice"
+                + (f" and {min_pinned} of its adapter pieces" if pinned_with else "") + f": {floor + reserved} bytes "
+                f"needed ({largest} bytes per slot" + (f", plus {reserved} bytes of staging buffers)" if reserved else ")")
+            )
+        rest = budget - floor
         total = sum(c * k for c, k in demand.items())
         for c in classes:
             counts[c] += max(0, min(demand[c] - counts[c], int(rest * c * demand[c] / total) // c))

@@ -61,13 +61,16 @@ class Counts:
 
 @dataclass
 class StatsSnapshot(Counts):
-    """Totals plus the same counters per layer."""
+    """Expert slice totals plus the same counters per layer; `adapters`: the same counters for adapter pieces
+    (keys longer than (layer, expert)), which share the cache but not these totals."""
 
     per_layer: dict[int, Counts] = field(default_factory=dict)
+    adapters: Counts = field(default_factory=Counts)
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in super().to_dict().items() if k != "per_layer"}
+        out = {k: v for k, v in super().to_dict().items() if k not in ("per_layer", "adapters")}
         out["per_layer"] = {layer: c.to_dict() for layer, c in self.per_layer.items()}
+        out["adapters"] = self.adapters.to_dict()
         return out
 
 
@@ -75,19 +78,27 @@ COUNTERS = tuple(f.name for f in fields(Counts))
 
 
 class Stats:
-    """Live counters: `counters[name][layer_index]`, incremented by the caller (under its lock)."""
+    """Live counters: `counters[name][row]`, one row per layer of expert slices and a last row for adapter pieces,
+    incremented by the caller (under its lock)."""
 
     def __init__(self, keys) -> None:
         self.layers = sorted({k[0] for k in keys})
         self.index = {layer: i for i, layer in enumerate(self.layers)}
-        self.counters: dict[str, list] = {name: [0] * len(self.layers) for name in COUNTERS}
+        self.counters: dict[str, list] = {name: [0] * (len(self.layers) + 1) for name in COUNTERS}
+
+    def row(self, key: tuple) -> int:
+        """The counter row of a key: its layer's for an expert slice, the last for an adapter piece."""
+        return self.index[key[0]] if len(key) == 2 else len(self.layers)
 
     def add(self, name: str, key: SliceKey, amount: float = 1) -> None:
-        self.counters[name][self.index[key[0]]] += amount
+        self.counters[name][self.row(key)] += amount
 
     def snapshot(self) -> StatsSnapshot:
+        n = len(self.layers)
         per_layer = {
             layer: Counts(**{name: values[i] for name, values in self.counters.items()})
             for i, layer in enumerate(self.layers)
         }
-        return StatsSnapshot(**{name: sum(values) for name, values in self.counters.items()}, per_layer=per_layer)
+        adapters = Counts(**{name: values[n] for name, values in self.counters.items()})
+        return StatsSnapshot(**{name: sum(values[:n]) for name, values in self.counters.items()}, per_layer=per_layer,
+                             adapters=adapters)

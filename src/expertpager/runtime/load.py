@@ -2,8 +2,9 @@
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from ..pager.replay import slot_needs
 from ..progress import progress_bar
 from ..pager.decode import staging_bytes
 from ..sizes import parse_size
+from .adapter_store import adapter_pieces
+from .adapters import Adapters, attach_resident, read_adapters
 from .gguf_model import FLOAT_TYPES, build_gguf_model, gguf_dtype
 from .compact_modules import pack_linears
 from .compact import compact_bytes, compactor, is_compact
@@ -142,14 +145,25 @@ def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype,
 
 def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
                 decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None,
-                extra_resident: int = 0, tier: str = "dequantized") -> MemoryPlan:
+                extra_resident: int = 0, tier: str = "dequantized",
+                pieces: Mapping[tuple, ExpertSlice] | None = None) -> MemoryPlan:
     """The cache size from `cache` (bytes or 'NN%' of all expert bytes as stored) or from the whole-process
     `max_memory`; everything fits when neither is given. Slots are sized as the cache holds slices (decoded when
     `decoder` is given, plus its staging buffers for `threads` workers); GGUF resident tensors count at `dtype`;
-    `extra_resident` bytes (a speculator's maps) count as resident too; in the compact `tier` as the compact
-    resident modules hold them (resident_held)."""
+    `extra_resident` bytes (a speculator's maps, resident LoRA) count as resident too; in the compact `tier` as the
+    compact resident modules hold them (resident_held). Adapter `pieces` share the cache: with no size given it
+    holds them all too, and its minimum holds one layer's top-k of them beside the slices."""
     if max_memory is not None and cache is not None:
         raise ExpertPagerError("give either max_memory (the whole process) or cache (the expert cache), not both")
+    plan = _plan_slices(layout, max_memory, cache, decoder, threads, dtype, extra_resident, tier,
+                        sum(slot_needs(pieces).values()) if pieces else 0)
+    if not pieces:
+        return plan
+    return replace(plan, min_cache_bytes=plan.min_cache_bytes + layout.experts_per_token * max(slot_needs(pieces).values()))
+
+
+def _plan_slices(layout: Layout, max_memory: str | int | None, cache: str | int | None, decoder: Decoder | None,
+                 threads: int, dtype: torch.dtype | None, extra_resident: int, tier: str, piece_bytes: int) -> MemoryPlan:
     raw = slot_needs(layout.slices)
     needs, staging = list(raw.values()), 0
     if decoder is not None and decoder.in_place:
@@ -173,7 +187,7 @@ def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int |
         plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging, resident=resident + extra_resident,
                            overhead=COMPACT_RUNTIME_OVERHEAD if compact_resident else RUNTIME_OVERHEAD)
     else:
-        plan = plan_cache(layout, sum(needs) + staging, slot, staging=staging)
+        plan = plan_cache(layout, sum(needs) + staging + piece_bytes, slot, staging=staging)
     return plan
 
 
@@ -200,23 +214,27 @@ def resident_held(layout: Layout) -> int:
     return total
 
 
-def min_cache_bytes(layout: Layout, expert_cache: str = DEFAULT_EXPERT_CACHE, dtype: torch.dtype | str = "auto") -> int:
-    """The smallest cache `load` accepts: one layer's top-k slots as the tier holds them, plus decode staging."""
+def min_cache_bytes(layout: Layout, expert_cache: str = DEFAULT_EXPERT_CACHE, dtype: torch.dtype | str = "auto",
+                    pieces: Mapping[tuple, ExpertSlice] | None = None) -> int:
+    """The smallest cache `load` accepts: one layer's top-k slots as the tier holds them (and as many for adapter
+    `pieces`, when given), plus decode staging."""
     decoder, _ = expert_tier(layout, expert_cache, compute_dtype(layout, dtype, resolve_tier(layout, expert_cache)))
-    return plan_budget(layout, None, None, decoder).min_cache_bytes
+    return plan_budget(layout, None, None, decoder, pieces=pieces).min_cache_bytes
 
 
 def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
                  decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None,
-                 extra_resident: int = 0, tier: str = "dequantized") -> MemoryPlan:
+                 extra_resident: int = 0, tier: str = "dequantized",
+                 pieces: Mapping[tuple, ExpertSlice] | None = None) -> MemoryPlan:
     """plan_budget, with a clear error when the minimum cache does not fit."""
-    plan = plan_budget(layout, max_memory, cache, decoder, threads, dtype, extra_resident, tier)
+    plan = plan_budget(layout, max_memory, cache, decoder, threads, dtype, extra_resident, tier, pieces)
     staging = plan.staging_bytes
     if not plan.fits:
         need = plan.min_cache_bytes + plan.resident_bytes + plan.reserve_bytes if max_memory is not None else plan.min_cache_bytes
         what = "max_memory" if max_memory is not None else "the cache"
         raise ExpertPagerError(f"{layout.path}: {what} is too small: at least {need:,} bytes are needed "
                                f"(one layer's top-{layout.experts_per_token} slices of {plan.slice_bytes:,} bytes"
+                               + (" and their adapter pieces" if pieces else "")
                                + (f", {staging:,} staging" if staging else "")
                                + (f", {plan.resident_bytes:,} resident, {plan.reserve_bytes:,} reserve)" if max_memory is not None else ")"))
     return plan
@@ -240,7 +258,8 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
          predictors: "str | Sequence[str | Predictor] | None" = None, profiles: str | Path | None = None,
          speculator: "str | Path | Speculator | bool | None" = None, progress: bool = False,
          quantize: str | None = None, store: "str | Path | Store | None" = None, disk: str | int | None = None,
-         offline: bool | None = None, extra_resident: int = 0) -> PreTrainedModel:
+         offline: bool | None = None, extra_resident: int = 0, adapters: Mapping[str, str | Path] | None = None,
+         adapter: str | None = None) -> PreTrainedModel:
     """A transformers causal LM for `model_ref` with paged experts; `model.pager` is its SliceCache.
 
     max_memory: the whole-process promise (resident + reserve + cache), e.g. '8GB'; cache: the expert cache
@@ -257,7 +276,9 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     model (calibration statistics), counted against max_memory.
     A remote `model_ref` (hf://org/name, https://.../model.gguf, a folder URL) runs from its local store (`store`: a
     folder or an open Store; default under the HF cache) under a disk budget `disk`; `offline` (default: the Hub's
-    offline mode) uses only what the store holds; `model.store` is the Store, or None for a local checkpoint."""
+    offline mode) uses only what the store holds; `model.store` is the Store, or None for a local checkpoint.
+    adapters: NAME -> PEFT LoRA folder; their expert LoRA is paged through `model.pager` beside the slices, their
+    resident LoRA held in memory; `model.adapters` chooses one (`model.adapters.use(NAME)`), `adapter` at first."""
     if isinstance(store, Store):
         layout, remote = store.layout, store
     else:
@@ -265,6 +286,10 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     if remote is not None:
         remote.fetch_resident(progress)
     tier = resolve_tier(layout, expert_cache, quantize)
+    infos = read_adapters(adapters or {}, layout.num_experts)
+    if tier == "compact" and any(info.experts for info in infos.values()):
+        raise ExpertPagerError("expert LoRA is merged into float expert weights; the compact expert cache has none "
+                               "(use --expert-cache dequantized, or no --quantize)")
     dtype = compute_dtype(layout, dtype, tier)
     decoder, served = expert_tier(layout, expert_cache, dtype, quantize)
     offsets = {} if tier == "compact" else expert_offsets(layout, dtype)  # compact slices are served as stored
@@ -294,8 +319,22 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
         if model.speculator is not None and max_memory is not None:  # its maps stay in memory too
             plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype,
                                 extra_resident + model.speculator.nbytes - packed, tier)
+    model.adapters = Adapters(infos)
+    pieces = model.adapters.pieces
+    if infos:
+        paged = {m.layer: m for m in model.modules() if isinstance(m, PagedExperts)}
+        model.adapters.resident_bytes = attach_resident(model, infos, model.adapters)
+        for info in infos.values():
+            missing = [layer for layer in info.expert_layers if layer not in paged]
+            if missing:
+                raise ExpertPagerError(f"{info.path}: the adapter adapts experts of layer {missing[0]}, which has none")
+            pieces.update(adapter_pieces(info, layout.num_experts, {l: m.is_transposed for l, m in paged.items()}, dtype,
+                                         progress))
+        model.adapters.select(adapter)
+        extra = extra_resident - packed + model.adapters.resident_bytes + (model.speculator.nbytes if model.speculator is not None else 0)
+        plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, extra, tier, pieces)
     verify = checksum_verifier(layout.slices, layout.checksums) if layout.checksums else None
-    pager = SliceCache(layout.slices, plan.cache_bytes, policy=policy, io=io, threads=threads,
+    pager = SliceCache({**layout.slices, **pieces}, plan.cache_bytes, policy=policy, io=io, threads=threads,
                        min_pinned=layout.experts_per_token, verify=verify, decode=decoder,
                        source=remote.hold if remote is not None else None)
     for module in model.modules():
@@ -305,9 +344,11 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
             module.offsets = {e: offsets[(module.layer, e)] for e in range(layout.num_experts)} if offsets else {}
             module.dtype = dtype
             module.transpose = decoder is None and gguf_transposed(layout)  # a raw-tier slice, rebuilt per use
-            module.chunk = max(layout.experts_per_token, pager.num_slots // (2 if prefetch else 1))
+            per_expert = 2 if pieces else 1  # a slice and its adapter piece
+            module.chunk = max(layout.experts_per_token, pager.num_slots // per_expert // (2 if prefetch else 1))
             if not prefetch:
-                module.chunk = pager.num_slots
+                module.chunk = pager.num_slots // per_expert
+            module.adapters = model.adapters if infos else None
     model.pager = pager
     model.store = remote
     model.layout = layout

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 from transformers.integrations.moe import _can_use_grouped_mm
 
+from ..errors import ExpertPagerError
 from ..model.layout import ExpertSlice, SliceKey
 from ..pager import Decoder, plan_reads
 from .compact import compact_project, compact_tensors, is_compact
 from .dequant import dequantize
-from .matrices import ALIGN, MATRICES, matrix_of
+from .lora import merged_weight
+from .matrices import ALIGN, MATRICES, at_offset, matrix_of
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -159,15 +161,6 @@ def realigner(slices: Mapping[SliceKey, ExpertSlice],
     return Decoder(views, decode, in_place=True), served
 
 
-def at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
-    """`t` (contiguous), or a copy of it, at address `offset` modulo ALIGN."""
-    if t.data_ptr() % ALIGN == offset:
-        return t
-    buf = torch.empty(t.numel() + ALIGN // t.itemsize, dtype=t.dtype)
-    skip = (offset - buf.data_ptr()) % ALIGN // t.itemsize
-    return buf[skip:skip + t.numel()].view(t.shape).copy_(t)
-
-
 def slice_tensors(s: ExpertSlice, views: dict[str, np.ndarray], dtype: torch.dtype,
                   transpose: bool = False) -> dict[str, torch.Tensor]:
     """Torch tensors over a pinned slice's bytes (zero-copy when the stored dtype is the compute dtype; quantized
@@ -216,6 +209,7 @@ class PagedExperts(nn.Module):
         self.on_route = None  # optional callback(layer, expert_ids) -> slice keys to prefetch, before the first pin
         self.on_output = None  # optional callback(layer, expert_ids[R], weights[R], outputs[R, H]): every routed
         # (token, expert) row's unweighted expert output, rows sorted by expert (the pruning statistics read them)
+        self.adapters = None  # set by the loader when it loads adapters: runtime.adapters.Adapters
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, paged"
@@ -231,16 +225,23 @@ class PagedExperts(nn.Module):
         starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         rows = {e: slice(starts[e], starts[e + 1]) for e in hit}
         chunks = [hit[i:i + self.chunk] for i in range(0, len(hit), self.chunk)]
+        lora = self.adapters.expert_lora(self.layer) if self.adapters is not None else {}
+        piece = self.adapters.active if lora else None  # the adapter whose pieces pin beside the slices
         # Gating runs once over all rows, as in transformers: elementwise kernels may round differently on fewer rows.
         proj = out = None
         for i, chunk in enumerate(chunks):
             following = chunks[i + 1] if i + 1 < len(chunks) else []
             ahead = self.on_route(self.layer, hit) if i == 0 and self.on_route is not None else []
-            with self.cache.pin_each(self._keys(chunk), self._keys(following) + list(ahead)) as stream:
-                weights = {}
-                for (_, e), buf in stream:  # each expert as soon as its slice is ready
-                    weights[e] = self._tensors(e, buf)
-                    proj = self._project(selected, rows[e], weights[e], "gate_up", proj)
+            if ahead and self.adapters is not None:
+                ahead = self.adapters.with_pieces(ahead)
+            with self.cache.pin_each(self._keys(chunk, piece), self._keys(following, piece) + list(ahead)) as stream:
+                weights, got = {}, {}
+                for key, buf in stream:  # each expert as soon as its slice (and adapter piece) is ready
+                    got[key] = buf
+                    e = key[1]
+                    if all(k in got for k in self._keys([e], piece)):
+                        weights[e] = self._tensors(e, got, piece, lora)
+                        proj = self._project(selected, rows[e], weights[e], "gate_up", proj)
                 if len(chunks) == 1:  # the usual case (always in decode): one pin for both projections
                     gated = self._template._apply_gate(proj)
                     for e in chunk:
@@ -249,9 +250,9 @@ class PagedExperts(nn.Module):
             gated = self._template._apply_gate(proj)
             for i, chunk in enumerate(reversed(chunks)):  # newest slices first: they are the ones still cached
                 following = chunks[-i - 2] if i + 2 <= len(chunks) else []
-                with self.cache.pin_many(self._keys(chunk), self._keys(following)) as pinned:
+                with self.cache.pin_many(self._keys(chunk, piece), self._keys(following, piece)) as pinned:
                     for e in chunk:
-                        out = self._project(gated, rows[e], self._tensors(e, pinned[(self.layer, e)]), "down", out)
+                        out = self._project(gated, rows[e], self._tensors(e, pinned, piece, lora), "down", out)
         if self.on_output is not None:
             self.on_output(self.layer, expert_ids_g, sample_weights_g, out)
         weighted = out * sample_weights_g.unsqueeze(-1)
@@ -259,16 +260,34 @@ class PagedExperts(nn.Module):
         inv_perm[perm] = torch.arange(perm.size(0))
         return weighted[inv_perm].view(num_tokens, num_top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
-    def _keys(self, experts: list[int]) -> list[SliceKey]:
-        return [(self.layer, e) for e in experts]
+    def _keys(self, experts: list[int], piece: str | None = None) -> list[tuple]:
+        """The slice keys of `experts`, then the adapter `piece`'s keys for them (slices claim slots first)."""
+        keys = [(self.layer, e) for e in experts]
+        return keys + [(self.layer, e, piece) for e in experts] if piece is not None else keys
 
-    def _tensors(self, expert: int, buf) -> dict[str, torch.Tensor]:
-        """The tensors of one pinned expert, built once per pin, each weight at its resident address modulo ALIGN."""
+    def _tensors(self, expert: int, bufs: dict, piece: str | None = None, lora: dict | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of one pinned expert, built once per pin, each weight at its resident address modulo ALIGN;
+        with an adapter `piece`, each matrix in `lora` merged with its factors as peft merges them (runtime/lora.py)."""
+        views = bufs[(self.layer, expert)].views
         if is_compact(self.slices[expert]):
-            return compact_tensors(self.slices[expert], buf.views)
-        tensors = slice_tensors(self.slices[expert], buf.views, self.dtype, self.transpose)
-        for matrix, offset in self.offsets.get(expert, {}).items():
-            tensors[matrix] = at_offset(tensors[matrix], offset)
+            return compact_tensors(self.slices[expert], views)
+        tensors = slice_tensors(self.slices[expert], views, self.dtype, self.transpose)
+        offsets = self.offsets.get(expert, {})
+        if piece is not None:
+            factors = self.adapters.pieces[(self.layer, expert, piece)]
+            pinned = bufs[(self.layer, expert, piece)].views
+            for matrix, m in lora.items():
+                a, b = (_weights(pinned[p.role], p.dtype, p.shape) for p in factors.parts if p.role.startswith(matrix + "."))
+                w = tensors[matrix]
+                fresh = expert * w.numel() * w.itemsize % ALIGN  # peft merges into a new [E, ...] tensor
+                try:
+                    tensors[matrix] = merged_weight(w, a, b, m.scaling, self.is_transposed, fresh)
+                except RuntimeError as e:
+                    raise ExpertPagerError(f"adapter {piece!r}: its LoRA on layer {self.layer}'s {matrix} does not fit the "
+                                           f"model's {list(w.shape)} weights ({e})") from None
+        for matrix, offset in offsets.items():
+            if piece is None or matrix not in lora:
+                tensors[matrix] = at_offset(tensors[matrix], offset)
         return tensors
 
     def _project(self, x: torch.Tensor, rows: slice, w: dict[str, torch.Tensor], which: str,
