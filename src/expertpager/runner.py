@@ -136,7 +136,8 @@ def run_once(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int,
 def open_model(model_ref: str, resident: bool, **load_options) -> PreTrainedModel:
     """Paged (default) or fully resident (with the chosen adapter applied by peft)."""
     if resident:
+        rest = {k: v for k, v in load_options.items() if k not in ("adapter", "adapters")}
         chosen = load_options.get("adapter")
-        return load_resident(model_ref, load_options["adapters"][chosen] if chosen else None, **load_options)
+        return load_resident(model_ref, load_options["adapters"][chosen] if chosen else None, **rest)
     return load(model_ref, **load_options)
 
