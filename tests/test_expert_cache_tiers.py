@@ -98,7 +98,7 @@ def test_gpt_oss_gguf_interleaved_once_at_page_in(tmp_path, dtype):
     assert not experts.transpose
     assert {p.role for p in experts.slices[0].parts} == {"gate_up", "down", "gate_up_bias", "down_bias"}
     with model.pager.pin((experts.layer, 0)) as buf:
-        tensors = experts._tensors(0, buf)
+        tensors = experts._tensors(0, {(experts.layer, 0): buf})
         for role in ("gate_up", "down", "gate_up_bias"):
             assert tensors[role].data_ptr() == buf.views[role].ctypes.data, role
     model.pager.close()

@@ -178,8 +178,14 @@ class SliceCache:
             stage_size, stages = staging_bytes(decoded, threads)
             needs = {k: decode.slot_bytes(k) if k in decoded else n for k, n in needs.items()}
         self.staging_bytes = stage_size * stages
-        pieces = [n for k, n in needs.items() if len(k) > 2]  # adapter pieces, pinned beside their experts' slices
-        slot_sizes = plan_slots(list(needs.values()), budget, min_pinned, self.staging_bytes, max(pieces, default=0))
+        # Adapter pieces, pinned beside their experts' slices: slots are planned for one adapter's pieces (one run
+        # uses one adapter), so many loaded adapters do not take the budget from the expert slices.
+        pieces: dict[SliceKey, int] = {}
+        for k, n in needs.items():
+            if len(k) > 2:
+                pieces[k[:2]] = max(n, pieces.get(k[:2], 0))
+        planned = [n for k, n in needs.items() if len(k) == 2] + list(pieces.values())
+        slot_sizes = plan_slots(planned, budget, min_pinned, self.staging_bytes, max(pieces.values(), default=0))
         self._files = Files({r.file for p in self._plans.values() for r in p.runs}, io, keep_open=source is None)
         self._source = source or (lambda key: nullcontext())
         self._pool = SlotPool(slot_sizes + [stage_size] * stages)
