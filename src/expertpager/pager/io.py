@@ -79,17 +79,17 @@ class Files:
     def _fall_back(self, path: str, fd: int) -> None:
         """The filesystem accepted O_DIRECT at open but refuses the reads: switch this file to buffered."""
         with self._lock:
+            if self.keep_open and self._fds[path] == fd:
+                self._retired.append(fd)
+                self._fds[path] = os.open(path, os.O_RDONLY)
             self.modes[path] = "buffered+dontneed"
-            if not self.keep_open or self._fds[path] != fd:
-                return
-            self._retired.append(fd)
-            self._fds[path] = os.open(path, os.O_RDONLY)
 
     def read(self, run: Run, slot: memoryview) -> None:
         """Fill the slot with the run's bytes; raise ExpertPagerError naming file and offset if any are missing."""
         while True:
             if self.keep_open:
-                fd, mode = self._fds[run.file], self.modes[run.file]
+                with self._lock:  # a pair: another thread's fall-back changes both
+                    fd, mode = self._fds[run.file], self.modes[run.file]
             else:
                 fd, mode = self._open(run.file)
             try:
