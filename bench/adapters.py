@@ -33,7 +33,7 @@ from expertpager.model.demo import demo_model_path
 from expertpager.pager import drop_page_cache
 from expertpager.pager.replay import slot_needs
 from expertpager.runtime.generate import generate
-from expertpager.runtime.load import load
+from expertpager.runtime.load import load, no_transformers_bars
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = demo_model_path() / "adapters"
@@ -41,7 +41,8 @@ TRAINED = demo_model_path() / "adapters"
 
 def make_adapters(n: int, out: Path) -> dict[str, Path]:
     """`n` random rank-4 adapters of the demo model (attention and experts), saved by peft in bfloat16."""
-    base = AutoModelForCausalLM.from_pretrained(demo_model_path(), dtype=torch.float32)
+    with no_transformers_bars():
+        base = AutoModelForCausalLM.from_pretrained(demo_model_path(), dtype=torch.float32)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     model = get_peft_model(base, config)
