@@ -55,8 +55,29 @@ def greedy(tokenizer):
     return run
 
 
-def test_models_lists_the_model(client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+def test_models_lists_the_model_and_its_adapter(client):
+    assert [m.id for m in client.models.list().data] == [MODEL, "code"]
+
+
+def test_model_field_picks_the_adapter_per_request(client, tokenizer):
+    """`model: "code"` runs with the code LoRA, as peft's own model generates; the base model before and after."""
+    from peft import PeftModel
+
+    ids = tokenizer(CODE)["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(demo_model_path()).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want_base = tokenizer.decode(generate(base, ids, 12).tokens, skip_special_tokens=True)
+        adapted = PeftModel.from_pretrained(base, str(demo_model_path() / "adapters" / "code")).eval()
+        want_code = tokenizer.decode(generate(adapted, ids, 12).tokens, skip_special_tokens=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert want_code != want_base  # the adapter changes this continuation: the check below can tell them apart
+    got = [client.completions.create(model=name, prompt=CODE, max_tokens=12, temperature=0)
+           for name in (MODEL, "code", MODEL)]
+    assert [r.choices[0].text for r in got] == [want_base, want_code, want_base]
+    assert got[1].model == "code"
 
 
 def test_chat_equals_the_resident_model_and_reports_paging(client, tokenizer, greedy):

@@ -127,6 +127,7 @@ SPECULATOR = typer.Option(None, "--speculator", help="Fitted maps for --predicto
 IO = typer.Option("auto", "--io", help="Page-in I/O: auto, direct (O_DIRECT), buffered+dontneed, buffered.")
 EXPERT_CACHE = typer.Option("auto", "--expert-cache",
                             help="What the cache holds for quantized slices: compact (int4/int8 at about the stored size, bfloat16 compute; the default for a quantized GGUF), dequantized (decoded once at page-in) or raw (decoded on every use). auto picks compact where it applies.")
+ADAPTER = typer.Option(None, "--adapter", help="A PEFT LoRA adapter folder, as PATH or NAME=PATH (name: the folder's); repeat for several. Its expert LoRA is paged through the same cache.")
 QUANTIZE = typer.Option(None, "--quantize", help="int4 or int8: hold a bf16/f16/f32 checkpoint's experts in the compact tier (round to nearest per 32 weights, or per row) and its resident linear layers as int8 rows, bfloat16 compute.")
 
 
@@ -162,7 +163,7 @@ def run(
     store: str = typer.Option(None, "--store", help=STORE_HELP),
     disk: str = typer.Option(None, "--disk", help=DISK_HELP),
     offline: bool = typer.Option(None, "--offline/--online", help=OFFLINE_HELP),
-    adapter: list[str] = typer.Option(None, "--adapter", help="A PEFT LoRA adapter folder, as PATH or NAME=PATH (name: the folder's); repeat for several. Its expert LoRA is paged through the same cache."),
+    adapter: list[str] = ADAPTER,
     use_adapter: str = typer.Option(None, "--use-adapter", help="The adapter this run uses, by name (default: the first --adapter; none: the base model)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: tokens, text, stats."),
 ) -> None:
@@ -261,14 +262,17 @@ def serve(
     io: str = IO,
     expert_cache: str = EXPERT_CACHE,
     quantize: str = QUANTIZE,
+    adapter: list[str] = ADAPTER,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models), with
-    /health, Prometheus /metrics, and a page at / that chats and shows the expert cache live."""
+    /health, Prometheus /metrics, and a page at / that chats and shows the expert cache live. With --adapter, each
+    adapter is listed in /v1/models and a request naming it in `model` runs with it (others run the base model)."""
     from .model.demo import demo_model_path
+    from .runner import parse_adapters
     from .server.serve import serve as run_server
 
     options = _load_options(max_memory, cache, policy, prefetch, predictor, profiles, speculator, io, expert_cache, quantize,
-                            progress=True)
+                            progress=True) | {"adapters": parse_adapters(adapter or []), "adapter": None}
     run_server(model or str(demo_model_path()), host, port, max_queue, options)
 
 

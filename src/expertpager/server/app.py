@@ -37,8 +37,9 @@ def _endpoint(request: Request) -> str:
     return "chat" if request.url.path.endswith("/chat/completions") else "completions"
 
 
-def create_app(engine: Engine, model_id: str) -> FastAPI:
-    """The ASGI app over `engine` (started by the caller), answering for the model named `model_id`."""
+def create_app(engine: Engine, model_id: str, adapters: list[str] = ()) -> FastAPI:
+    """The ASGI app over `engine` (started by the caller), answering for the model named `model_id` and for each of
+    its loaded LoRA `adapters` by name (a request's `model` picks one; any other name gets the base model)."""
     app = FastAPI(title="expertpager", docs_url=None, redoc_url=None, openapi_url=None)
     views: list[CacheView] = []
     engine.on_loaded.append(lambda model: views.append(CacheView(model)))
@@ -71,7 +72,9 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "expertpager"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "expertpager",
+                                            **({"parent": model_id} if name != model_id else {})}
+                                           for name in [model_id, *adapters]]}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
@@ -82,7 +85,7 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
             ids = chat_ids(engine.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
         except Exception as e:  # noqa: BLE001 - the template rejected the conversation (jinja raises its own errors)
             raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-        return await _answer(engine, request, body, ids, "chat", model_id)
+        return await _answer(engine, request, body, ids, "chat", model_id, adapters)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -94,7 +97,7 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
             if any(not 0 <= t < vocab for t in body.prompt):
                 raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
             ids = list(body.prompt)
-        return await _answer(engine, request, body, ids, "completions", model_id)
+        return await _answer(engine, request, body, ids, "completions", model_id, adapters)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -128,8 +131,9 @@ def _check_ready(engine: Engine) -> None:
 
 
 async def _answer(engine: Engine, request: Request, body: Sampling, ids: list[int], endpoint: str,
-                  model_id: str) -> Response:
-    """Queue the request, then answer it whole or as a stream of SSE chunks."""
+                  model_id: str, adapters: list[str] = ()) -> Response:
+    """Queue the request, then answer it whole or as a stream of SSE chunks (with the adapter its `model` names)."""
+    adapter = body.model if body.model in adapters else None
     if not ids:
         raise ApiError(400, "the prompt is empty", param="prompt")
     context = engine.context
@@ -141,12 +145,12 @@ async def _answer(engine: Engine, request: Request, body: Sampling, ids: list[in
     job = Job(ids=ids, max_tokens=min(body.limit or context, context - len(ids)), temperature=body.temperature,
               top_p=body.top_p, top_k=body.top_k, seed=secrets.randbits(63) if body.seed is None else body.seed,
               stops=body.stops, emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-              endpoint=endpoint)
+              endpoint=endpoint, adapter=adapter)
     try:
         engine.submit(job)
     except Busy as e:
         raise ApiError(429, str(e), "rate_limit_exceeded", "queue_full") from None
-    shape = Shape(endpoint, model_id)
+    shape = Shape(endpoint, adapter or model_id)
     if body.stream:
         return StreamingResponse(_stream(job, events, shape, body.include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})

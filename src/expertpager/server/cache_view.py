@@ -39,8 +39,9 @@ class CacheView:
         held = pager.occupancy()
         row = {layer: i for i, layer in enumerate(self.layers)}
         state = np.zeros((len(self.layers), self.num_experts), dtype=np.int8)
-        for (layer, expert), (_, pins) in held.items():
-            state[row[layer], expert] = 2 if pins else 1
+        for key, (_, pins) in held.items():
+            if len(key) == 2:  # an expert slice (an adapter's pieces count in the bytes only)
+                state[row[key[0]], key[1]] = 2 if pins else 1
         with self._lock:
             heat = self.heat.copy()
         level = np.minimum(9, np.ceil(9 * heat / max(1.0, heat.max()))).astype(int)
@@ -48,7 +49,7 @@ class CacheView:
         return {
             "layers": self.layers, "experts": self.num_experts,
             "state": ["".join(map(str, r)) for r in state], "heat": ["".join(map(str, r)) for r in level],
-            "cached": len(held), "pinned": int((state == 2).sum()), "hot": int((level >= 5).sum()),
+            "cached": int((state > 0).sum()), "pinned": int((state == 2).sum()), "hot": int((level >= 5).sum()),
             "cache_bytes_used": sum(size for size, _ in held.values()),
             "cache_budget_bytes": self.model.memory_plan.cache_bytes, "slots": pager.num_slots,
             "hits": s.hits, "pins": s.pins, "hit_rate": s.hit_rate, "bytes_read": s.bytes_read,

@@ -30,6 +30,7 @@ class Job:
     stops: list[str]
     emit: Callable[[tuple], None]
     endpoint: str = "completions"
+    adapter: str | None = None  # a loaded LoRA adapter's name; None: the base model
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -167,8 +168,10 @@ class Engine:
                     job.emit(("text", delta))
             return text.stopped or job.cancelled.is_set()
 
-        gen = generate(self.model, job.ids, job.max_tokens, job.temperature, job.seed, eos, on_token,
-                       top_k=job.top_k, top_p=job.top_p)
+        adapters = getattr(self.model, "adapters", None)
+        with adapters.use(job.adapter) if adapters is not None else contextlib.nullcontext():
+            gen = generate(self.model, job.ids, job.max_tokens, job.temperature, job.seed, eos, on_token,
+                           top_k=job.top_k, top_p=job.top_p)
         rest = text.finish()
         if rest:
             job.emit(("text", rest))

@@ -45,7 +45,8 @@ def serve(ref: str, host: str, port: int, max_queue: int, load_options: dict) ->
     engine = Engine(lambda: (open_model(ref, False, **load_options), tokenizer), max_queue)
     name = model_id(ref)
     sock = listen(host, port)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, name), log_level="info", timeout_graceful_shutdown=2))
+    app = create_app(engine, name, list(load_options.get("adapters") or {}))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2))
 
     def watch_loading() -> None:
         engine.loading_done.wait()
