@@ -242,3 +242,41 @@ def test_bad_remote_input_is_one_clear_error_naming_the_url(sources, server, tmp
     (tmp_path / "user-folder" / "notes.txt").write_text("mine")
     with pytest.raises(ExpertPagerError, match="not an expertpager store"):
         open_store("hf://org/tiny", tmp_path / "user-folder")
+
+
+def test_serve_a_remote_model_and_show_its_store_on_metrics(server, tmp_path):
+    """`expertpager serve hf://...` as a real process against the loopback Hub: the completion equals the local
+    resident model's greedy text, and /metrics carries the store's figures."""
+    import openai
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from expertpager.model.demo import demo_model_path
+    from expertpager.runtime.generate import generate
+    from serve_helpers import start_server, stop_server
+
+    server.served.repos["org/demo"] = demo_model_path()
+    ids = AutoTokenizer.from_pretrained(demo_model_path())("def main(args):")["input_ids"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server runs
+    try:
+        want = generate(AutoModelForCausalLM.from_pretrained(demo_model_path()).eval(), ids, 6).tokens
+    finally:
+        torch.set_num_threads(threads)
+    srv = start_server(tmp_path / "serve.log", "hf://org/demo", "--store", str(tmp_path / "store"), "--cache", "25%",
+                       "--disk", "100MB")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model="hf://org/demo", prompt=ids, max_tokens=6, temperature=0)
+        m = srv.metrics()
+    finally:
+        stop_server(srv)
+    assert r.choices[0].text == AutoTokenizer.from_pretrained(demo_model_path()).decode(want, skip_special_tokens=True)
+    assert m[("expertpager_remote_fetched_bytes_total", ())] > 0 and m[("expertpager_remote_requests_total", ())] > 0
+    misses = m[("expertpager_store_lookups_total", (("result", "miss"),))]
+    hits = m[("expertpager_store_lookups_total", (("result", "hit"),))]
+    assert misses > 0 and hits > 0  # a 25% cache reads some slices again: from the store this time
+    assert m[("expertpager_store_hit_rate", ())] == pytest.approx(hits / (hits + misses))
+    assert 0 < m[("expertpager_store_bytes", ())] <= m[("expertpager_store_budget_bytes", ())] == 100e6
+    assert m[("expertpager_remote_fetch_seconds_total", ())] > 0
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
