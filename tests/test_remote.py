@@ -55,6 +55,21 @@ def fast_client(**kw) -> RangeClient:
     return RangeClient(**{"timeout": 5.0, "backoff": 0.01, **kw})
 
 
+def assert_slices_equal_local(store, layout, keys) -> None:
+    """Every byte the pager will read from the store's files for `keys` equals the local checkpoint's."""
+    for k in keys:
+        data = store.slice_path(k).read_bytes()
+        for local, remote in zip(sorted(layout.slices[k].parts, key=lambda p: p.role),
+                                 sorted(store.layout.slices[k].parts, key=lambda p: p.role)):
+            with open(local.file, "rb") as fh:
+                fh.seek(local.offset)
+                assert data[remote.offset: remote.offset + remote.length] == fh.read(local.length), (k, local.role)
+
+
+def range_gets(server, since: int) -> int:
+    return sum(1 for m, _, r in server.served.requests[since:] if m == "GET" and r)
+
+
 def no_partials(folder) -> bool:
     return not [p for p in folder.rglob(".*") if p.name.endswith(".partial")]
 
@@ -113,6 +128,45 @@ def test_disk_budget_evicts_least_recently_used_but_never_a_held_slice(sources, 
         tiny.ensure(keys[1])
 
 
+def test_coalesce_joins_near_ranges_within_the_request_limit():
+    from expertpager.remote.http import COALESCE_GAP, MAX_REQUEST, coalesce
+
+    gap = COALESCE_GAP
+    assert coalesce([(100, 200), (0, 50), (200 + gap - 1, 300 + gap)]) == [(0, 300 + gap)]
+    assert coalesce([(0, 10), (10 + gap, 20 + gap)]) == [(0, 10), (10 + gap, 20 + gap)]  # a gap of COALESCE_GAP: two
+    half = MAX_REQUEST // 2
+    assert coalesce([(0, half), (half, 2 * half), (2 * half, 2 * half + 1)]) == [(0, 2 * half), (2 * half, 2 * half + 1)]
+    assert coalesce([(0, 3 * MAX_REQUEST)]) == [(0, 3 * MAX_REQUEST)]
+
+
+@pytest.mark.parametrize("kind", ["folder", "gguf"])
+def test_neighbouring_slices_are_fetched_in_one_request_and_split(sources, server, tmp_path, kind):
+    """A layer's slices pulled together come in one range request and are split into their files (the tiny model's
+    layer is well under COALESCE_GAP apart, GGUF's gate, up and down tensors included); a run's misses of a layer
+    arrive together too, so it makes fewer requests than misses. Every stored byte equals the local file's."""
+    url, local = {"folder": (server.folder("tiny", sources["hf"]), sources["hf"]),
+                  "gguf": (server.folder("g", sources["gguf"]) + "tiny-Q8_0.gguf", sources["gguf"] / "tiny-Q8_0.gguf")}[kind]
+    store = open_store(url, tmp_path / "s", client=fast_client())
+    layer = min(k[0] for k in store.layout.slices)
+    keys = [k for k in sorted(store.layout.slices) if k[0] == layer]
+    since = len(server.served.requests)
+    assert store.fetch_many(keys) == len(keys) > 3
+    assert range_gets(server, since) == 1
+    assert_slices_equal_local(store, read_layout(local), keys)
+    assert store.stats().misses == len(keys) and sorted(store.present()) == keys and no_partials(tmp_path / "s")
+    assert store.fetch_many(keys) == 0 and range_gets(server, since) == 1
+
+    cache = min_cache(local)
+    expected = logits_trace(load(local, cache=cache), PROMPT, STEPS)
+    model = load(url, cache=cache, store=tmp_path / "run")
+    since = len(server.served.requests)
+    assert_same(expected, logits_trace(model, PROMPT, STEPS), f"{kind} remote, coalesced")
+    stats = model.store.stats()
+    assert range_gets(server, since) < stats.misses / 2 and len(model.store.present()) >= stats.misses
+    assert_slices_equal_local(model.store, read_layout(local), model.store.present())
+    model.pager.close()
+
+
 def test_faults_are_retried_and_never_leave_a_corrupt_slice(sources, server, tmp_path):
     url = server.folder("tiny", sources["hf"])
     store = open_store(url, tmp_path / "s", client=fast_client(timeout=0.5, retries=7))
@@ -123,13 +177,7 @@ def test_faults_are_retried_and_never_leave_a_corrupt_slice(sources, server, tmp
     for k in keys:
         store.ensure(k)
     assert store.stats().remote_retries >= 6
-    for k in keys:  # every byte the pager will read equals the local file's
-        data = (tmp_path / "s" / "slices" / f"{k[0]:04d}-{k[1]:04d}.bin").read_bytes()
-        for local, remote in zip(sorted(layout.slices[k].parts, key=lambda p: p.role),
-                                 sorted(store.layout.slices[k].parts, key=lambda p: p.role)):
-            with open(local.file, "rb") as fh:
-                fh.seek(local.offset)
-                assert data[remote.offset: remote.offset + remote.length] == fh.read(local.length)
+    assert_slices_equal_local(store, layout, keys)
     f.status = 10
     with pytest.raises(ExpertPagerError, match="gave up after 8 attempts"):
         store.ensure(keys[-1][:1] + (keys[-1][1] + 1,))
@@ -148,6 +196,14 @@ def test_repacked_slice_with_wrong_sha256_is_refused_then_refetched(sources, ser
     assert store.present() == [] and not (tmp_path / "s" / "slices").exists() or not any((tmp_path / "s" / "slices").iterdir())
     store.ensure(key)
     assert store.present() == [key]
+    near, asked = sorted(store.layout.slices)[1:3]  # neighbours: one request, `near`'s bytes first in its body
+    store.announce([near, asked])
+    server.served.faults.corrupt = 1
+    since = len(server.served.requests)
+    assert store.ensure(asked) and range_gets(server, since) == 1
+    assert sorted(store.present()) == [key, asked]  # the bad neighbour is left out, the slice asked for stored
+    store.ensure(near)
+    assert sorted(store.present()) == [key, near, asked] and store.stats().misses == 4
 
 
 def test_offline_runs_from_the_store_and_names_what_is_missing(sources, server, tmp_path):
