@@ -23,6 +23,7 @@ from ..model.manifest import slice_digest
 from ..model.read_layout import read_layout
 from ..pager.reads import plan_reads
 from .http import COALESCE_GAP, MAX_REQUEST, RangeClient, coalesce
+from .lock import bump, delete_unless_held, generation, hold_shared, store_locked
 from .refs import RemoteFile, RemoteModel
 from .skeleton import fetch_ranges, pwrite_all, skeleton_bytes, write_atomic
 
@@ -80,7 +81,6 @@ class Store:
         self.remote_layout = layout
         self.disk = disk
         self._fixed = fixed_bytes
-        self._reserved = 0
         self._lock = threading.Lock()
         self._held: dict[SliceKey, int] = {}
         self._fetching: dict[SliceKey, threading.Event] = {}
@@ -94,9 +94,11 @@ class Store:
             slices[key], self._sources[key] = self._local_slice(s, by_path, layout.checksums.get(key))
         self.layout = replace(layout, slices=slices, files=sorted({t.file for t in layout.resident}))
         self._check_budget(0)
-        self._present: OrderedDict[SliceKey, int] = self._scan()
-        with self._lock:
-            self._make_room(0, None)  # the budget may be smaller than last time
+        self._present: OrderedDict[SliceKey, int] = OrderedDict()
+        self._generation = -1  # of the slice files (lock.generation) that _present reflects
+        with store_locked(folder) as fd, self._lock:
+            self._refresh(fd)
+            self._make_room(0, None, fd)  # the budget may be smaller than last time
 
     # -- layout ----------------------------------------------------------------------------------------------
 
@@ -120,8 +122,16 @@ class Store:
         size = max(at + end - start for _, start, end, at in runs)
         return ExpertSlice(s.layer, s.expert, tuple(sorted(parts, key=lambda p: p.offset))), _Source(tuple(runs), size, sha)
 
+    def _refresh(self, fd: int) -> None:
+        """Under both locks (lock fd): reread the slice files if another process (or Store) changed them."""
+        if generation(fd) != self._generation:
+            self._present = self._scan()
+            self._ahead &= set(self._present)
+            self._generation = generation(fd)
+
     def _scan(self) -> "OrderedDict[SliceKey, int]":
-        """Slices already in the store (complete files only: they were renamed into place), oldest use first."""
+        """Under the folder's lock: slices in the store (complete files only: they were renamed into place), oldest
+        use first; what a write cut short left is deleted."""
         found = []
         folder = self.folder / SLICES
         for entry in os.scandir(folder) if folder.is_dir() else ():
@@ -148,7 +158,7 @@ class Store:
 
     @property
     def used_bytes(self) -> int:
-        return self._fixed + self._reserved + sum(self._present.values())
+        return self._fixed + sum(self._present.values())
 
     def present(self) -> list[SliceKey]:
         with self._lock:
@@ -169,12 +179,22 @@ class Store:
 
     @contextmanager
     def hold(self, key: SliceKey) -> Iterator[None]:
-        """Make the slice's file present (fetching it if absent) and keep it from eviction while held."""
+        """Make the slice's file present (fetching it if absent) and keep it from eviction, by this process or
+        another one sharing the store, while held."""
         with self._lock:
             self._held[key] = self._held.get(key, 0) + 1
         try:
-            self.ensure(key)
-            yield
+            while True:
+                self.ensure(key)
+                fd = hold_shared(self.slice_path(key))
+                if fd is not None:
+                    break
+                with self._lock:  # another process evicted it meanwhile
+                    self._present.pop(key, None)
+            try:
+                yield
+            finally:
+                os.close(fd)
         finally:
             with self._lock:
                 self._held[key] -= 1
@@ -201,6 +221,8 @@ class Store:
                     self._touch(key)
                     return False
                 waiting = self._fetching.get(key)
+                if waiting is None and self._written_elsewhere(key):
+                    continue
                 if waiting is None:
                     if self.offline:
                         raise ExpertPagerError(self._missing_message([key]))
@@ -270,6 +292,17 @@ class Store:
                 groups[-1].append(key)
                 size += self._sources[key].size
         return groups
+
+    def _written_elsewhere(self, key: SliceKey) -> bool:
+        """Under the lock: whether another process sharing the store has written the slice; if so it is present."""
+        try:
+            size = os.stat(self.slice_path(key)).st_size
+        except FileNotFoundError:
+            return False
+        if size != self._sources[key].size:
+            return False
+        self._present[key] = size
+        return True
 
     def _touch(self, key: SliceKey) -> None:
         """Record the use in the file's mtime, so a later run evicts in the same order."""
@@ -346,21 +379,21 @@ class Store:
                                    "SHA-256 (the manifest disagrees); it was not stored")
 
     def _write(self, key: SliceKey, image: bytearray) -> None:
-        """Make room for the slice and write its file atomically."""
+        """Make room for the slice and write its file atomically, under the folder's lock (so the budget holds for
+        every process and thread sharing the store)."""
         size = self._sources[key].size
-        with self._lock:
-            self._make_room(size, key)
-            self._reserved += size  # so parallel fetches leave room for this one
-        try:
-            write_atomic(self.slice_path(key), size, lambda fd: pwrite_all(fd, image, 0))
+        with store_locked(self.folder) as fd:
+            with self._lock:
+                self._refresh(fd)
+                self._make_room(size, key, fd)
+            write_atomic(self.slice_path(key), size, lambda out: pwrite_all(out, image, 0))
             with self._lock:
                 self._present[key] = size
-        finally:
-            with self._lock:
-                self._reserved -= size
+                self._generation = bump(fd)
 
-    def _make_room(self, size: int, key: SliceKey) -> None:
-        """Under the lock: delete least recently used slices not held until `size` more bytes fit the budget."""
+    def _make_room(self, size: int, key: SliceKey | None, fd: int) -> None:
+        """Under both locks (lock fd): delete least recently used slices not held (here or by another process) until
+        `size` more bytes fit the budget."""
         if self.disk is None:
             return
         victims = iter([k for k in self._present if k not in self._held and k not in self._fetching])
@@ -370,10 +403,12 @@ class Store:
                 raise ExpertPagerError(f"{self.folder}: the disk budget of {self.disk:,} bytes is too small for slice "
                                        f"{key}: {self.used_bytes:,} bytes are resident tensors, headers and slices "
                                        "in use; raise --disk")
+            if not delete_unless_held(self.slice_path(victim)):
+                continue
             del self._present[victim]
             self._ahead.discard(victim)
-            self.slice_path(victim).unlink(missing_ok=True)
             self._stats.evictions += 1
+            self._generation = bump(fd)
 
     def _check_budget(self, extra: int) -> None:
         if self.disk is not None and self._fixed + extra > self.disk:
@@ -427,7 +462,8 @@ class Store:
                 fetch_ranges(Path(path), self.model.files[name], ranges, self.model, self.client,
                              lambda n: [advance() for _ in range(n >> 20)])
         self._fixed = skeleton_bytes(self.folder, self.model)
-        self._write_meta({**meta, "resident": True})
+        with store_locked(self.folder):
+            self._write_meta({**self._meta(), "resident": True})
 
     def _meta(self) -> dict:
         return json.loads((self.folder / STORE_FILE).read_text())
