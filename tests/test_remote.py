@@ -55,6 +55,21 @@ def fast_client(**kw) -> RangeClient:
     return RangeClient(**{"timeout": 5.0, "backoff": 0.01, **kw})
 
 
+def assert_slices_equal_local(store, layout, keys) -> None:
+    """Every byte the pager will read from the store's files for `keys` equals the local checkpoint's."""
+    for k in keys:
+        data = store.slice_path(k).read_bytes()
+        for local, remote in zip(sorted(layout.slices[k].parts, key=lambda p: p.role),
+                                 sorted(store.layout.slices[k].parts, key=lambda p: p.role)):
+            with open(local.file, "rb") as fh:
+                fh.seek(local.offset)
+                assert data[remote.offset: remote.offset + remote.length] == fh.read(local.length), (k, local.role)
+
+
+def range_gets(server, since: int) -> int:
+    return sum(1 for m, _, r in server.served.requests[since:] if m == "GET" and r)
+
+
 def no_partials(folder) -> bool:
     return not [p for p in folder.rglob(".*") if p.name.endswith(".partial")]
 
@@ -113,6 +128,45 @@ def test_disk_budget_evicts_least_recently_used_but_never_a_held_slice(sources, 
         tiny.ensure(keys[1])
 
 
+def test_coalesce_joins_near_ranges_within_the_request_limit():
+    from expertpager.remote.http import COALESCE_GAP, MAX_REQUEST, coalesce
+
+    gap = COALESCE_GAP
+    assert coalesce([(100, 200), (0, 50), (200 + gap - 1, 300 + gap)]) == [(0, 300 + gap)]
+    assert coalesce([(0, 10), (10 + gap, 20 + gap)]) == [(0, 10), (10 + gap, 20 + gap)]  # a gap of COALESCE_GAP: two
+    half = MAX_REQUEST // 2
+    assert coalesce([(0, half), (half, 2 * half), (2 * half, 2 * half + 1)]) == [(0, 2 * half), (2 * half, 2 * half + 1)]
+    assert coalesce([(0, 3 * MAX_REQUEST)]) == [(0, 3 * MAX_REQUEST)]
+
+
+@pytest.mark.parametrize("kind", ["folder", "gguf"])
+def test_neighbouring_slices_are_fetched_in_one_request_and_split(sources, server, tmp_path, kind):
+    """A layer's slices pulled together come in one range request and are split into their files (the tiny model's
+    layer is well under COALESCE_GAP apart, GGUF's gate, up and down tensors included); a run's misses of a layer
+    arrive together too, so it makes fewer requests than misses. Every stored byte equals the local file's."""
+    url, local = {"folder": (server.folder("tiny", sources["hf"]), sources["hf"]),
+                  "gguf": (server.folder("g", sources["gguf"]) + "tiny-Q8_0.gguf", sources["gguf"] / "tiny-Q8_0.gguf")}[kind]
+    store = open_store(url, tmp_path / "s", client=fast_client())
+    layer = min(k[0] for k in store.layout.slices)
+    keys = [k for k in sorted(store.layout.slices) if k[0] == layer]
+    since = len(server.served.requests)
+    assert store.fetch_many(keys) == len(keys) > 3
+    assert range_gets(server, since) == 1
+    assert_slices_equal_local(store, read_layout(local), keys)
+    assert store.stats().misses == len(keys) and sorted(store.present()) == keys and no_partials(tmp_path / "s")
+    assert store.fetch_many(keys) == 0 and range_gets(server, since) == 1
+
+    cache = min_cache(local)
+    expected = logits_trace(load(local, cache=cache), PROMPT, STEPS)
+    model = load(url, cache=cache, store=tmp_path / "run")
+    since = len(server.served.requests)
+    assert_same(expected, logits_trace(model, PROMPT, STEPS), f"{kind} remote, coalesced")
+    stats = model.store.stats()
+    assert range_gets(server, since) < stats.misses / 2 and len(model.store.present()) >= stats.misses
+    assert_slices_equal_local(model.store, read_layout(local), model.store.present())
+    model.pager.close()
+
+
 def test_faults_are_retried_and_never_leave_a_corrupt_slice(sources, server, tmp_path):
     url = server.folder("tiny", sources["hf"])
     store = open_store(url, tmp_path / "s", client=fast_client(timeout=0.5, retries=7))
@@ -123,13 +177,7 @@ def test_faults_are_retried_and_never_leave_a_corrupt_slice(sources, server, tmp
     for k in keys:
         store.ensure(k)
     assert store.stats().remote_retries >= 6
-    for k in keys:  # every byte the pager will read equals the local file's
-        data = (tmp_path / "s" / "slices" / f"{k[0]:04d}-{k[1]:04d}.bin").read_bytes()
-        for local, remote in zip(sorted(layout.slices[k].parts, key=lambda p: p.role),
-                                 sorted(store.layout.slices[k].parts, key=lambda p: p.role)):
-            with open(local.file, "rb") as fh:
-                fh.seek(local.offset)
-                assert data[remote.offset: remote.offset + remote.length] == fh.read(local.length)
+    assert_slices_equal_local(store, layout, keys)
     f.status = 10
     with pytest.raises(ExpertPagerError, match="gave up after 8 attempts"):
         store.ensure(keys[-1][:1] + (keys[-1][1] + 1,))
@@ -148,6 +196,14 @@ def test_repacked_slice_with_wrong_sha256_is_refused_then_refetched(sources, ser
     assert store.present() == [] and not (tmp_path / "s" / "slices").exists() or not any((tmp_path / "s" / "slices").iterdir())
     store.ensure(key)
     assert store.present() == [key]
+    near, asked = sorted(store.layout.slices)[1:3]  # neighbours: one request, `near`'s bytes first in its body
+    store.announce([near, asked])
+    server.served.faults.corrupt = 1
+    since = len(server.served.requests)
+    assert store.ensure(asked) and range_gets(server, since) == 1
+    assert sorted(store.present()) == [key, asked]  # the bad neighbour is left out, the slice asked for stored
+    store.ensure(near)
+    assert sorted(store.present()) == [key, near, asked] and store.stats().misses == 4
 
 
 def test_offline_runs_from_the_store_and_names_what_is_missing(sources, server, tmp_path):
@@ -242,3 +298,97 @@ def test_bad_remote_input_is_one_clear_error_naming_the_url(sources, server, tmp
     (tmp_path / "user-folder" / "notes.txt").write_text("mine")
     with pytest.raises(ExpertPagerError, match="not an expertpager store"):
         open_store("hf://org/tiny", tmp_path / "user-folder")
+
+
+def test_serve_a_remote_model_and_show_its_store_on_metrics(server, tmp_path):
+    """`expertpager serve hf://...` as a real process against the loopback Hub: the completion equals the local
+    resident model's greedy text, and /metrics carries the store's figures."""
+    import openai
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from expertpager.model.demo import demo_model_path
+    from expertpager.runtime.generate import generate
+    from serve_helpers import start_server, stop_server
+
+    server.served.repos["org/demo"] = demo_model_path()
+    ids = AutoTokenizer.from_pretrained(demo_model_path())("def main(args):")["input_ids"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server runs
+    try:
+        want = generate(AutoModelForCausalLM.from_pretrained(demo_model_path()).eval(), ids, 6).tokens
+    finally:
+        torch.set_num_threads(threads)
+    srv = start_server(tmp_path / "serve.log", "hf://org/demo", "--store", str(tmp_path / "store"), "--cache", "25%",
+                       "--disk", "100MB")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model="hf://org/demo", prompt=ids, max_tokens=6, temperature=0)
+        m = srv.metrics()
+    finally:
+        stop_server(srv)
+    assert r.choices[0].text == AutoTokenizer.from_pretrained(demo_model_path()).decode(want, skip_special_tokens=True)
+    assert m[("expertpager_remote_fetched_bytes_total", ())] > 0 and m[("expertpager_remote_requests_total", ())] > 0
+    misses = m[("expertpager_store_lookups_total", (("result", "miss"),))]
+    hits = m[("expertpager_store_lookups_total", (("result", "hit"),))]
+    assert misses > 0 and hits > 0  # a 25% cache reads some slices again: from the store this time
+    assert m[("expertpager_store_hit_rate", ())] == pytest.approx(hits / (hits + misses))
+    assert 0 < m[("expertpager_store_bytes", ())] <= m[("expertpager_store_budget_bytes", ())] == 100e6
+    assert m[("expertpager_remote_fetch_seconds_total", ())] > 0
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+HOLDER = """
+import random, sys
+sys.path.insert(0, sys.argv[5])
+from expertpager.model.read_layout import read_layout
+from expertpager.remote import RangeClient, open_store
+from test_remote import assert_slices_equal_local
+
+url, folder, disk, local = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+store = open_store(url, folder, disk=disk, client=RangeClient(timeout=5.0, backoff=0.01))
+layout = read_layout(local)
+keys = sorted(store.layout.slices) * 3
+random.Random(sys.argv[6]).shuffle(keys)
+for key in keys:
+    with store.hold(key):  # another process is fetching and evicting meanwhile: what is held stays whole
+        assert_slices_equal_local(store, layout, [key])
+print("ok", store.stats().evictions)
+"""
+
+
+def test_two_processes_share_one_store(sources, server, tmp_path):
+    """Two processes fetching, holding and checking slices one by one under a disk budget, and `expertpager pull` of
+    the whole model into the same store at the same time: all finish, the budget holds, every slice on disk is whole.
+    (Without the store's lock this failed: a holder's slice was deleted under it by another process.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    url, folder = server.folder("tiny", sources["hf"]), tmp_path / "shared"
+    probe = open_store(url, tmp_path / "probe", client=fast_client())
+    probe.fetch_resident()
+    layout = read_layout(sources["hf"])
+    disk = probe.used_bytes + (len(layout.slices) // 2) * max(probe.slice_size(k) for k in probe.layout.slices)
+    counts = np.ones((len(layout.moe_layers), layout.num_experts), dtype=np.int64)
+    save_profile(Profile("all", list(layout.moe_layers), counts, 1), tmp_path / "all.json")
+    open_store(url, folder, client=fast_client()).fetch_resident()
+    server.served.latency = 0.005
+    tests = str(Path(__file__).parent)
+    holders = [subprocess.Popen([sys.executable, "-c", HOLDER, url, str(folder), str(disk), str(sources["hf"]), tests,
+                                 seed], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in "ab"]
+    pull = subprocess.Popen([sys.executable, "-m", "expertpager", "pull", url, "--store", str(folder), "--disk", str(disk),
+                             "--profile", str(tmp_path / "all.json"), "--threads", "2", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for holder in holders:
+        out, err = holder.communicate(timeout=120)
+        assert holder.returncode == 0 and out.startswith("ok"), err
+    pulled, err = pull.communicate(timeout=120)
+    assert pull.returncode == 0, err
+    store = open_store(url, folder, disk=disk, offline=True)
+    assert 0 < len(store.present()) < len(layout.slices) and store.used_bytes <= disk
+    assert_slices_equal_local(store, layout, store.present())
+    on_disk = sorted(p.name for p in (folder / "slices").iterdir())
+    assert on_disk == sorted(store.slice_path(k).name for k in store.present()) and no_partials(folder)

@@ -17,9 +17,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 console = Console()
 MODEL_HELP = ("A model folder (config.json + *.safetensors), a .gguf file, org/name[@rev][:QUANT] from the local HF cache, "
               "or a remote checkpoint: hf://org/name[@rev][:QUANT], https://.../model.gguf, or a folder URL ending in /.")
-STORE_HELP = "A remote model's local store (default: a folder under the Hugging Face cache)."
-DISK_HELP = "Disk budget of a remote model's store, e.g. 20GB: least recently used slices are deleted beyond it."
-OFFLINE_HELP = "Use only what the store holds (default: offline when HF_HUB_OFFLINE=1)."
+STORE = typer.Option(None, "--store", help="A remote model's local store (default: a folder under the Hugging Face cache).")
+DISK = typer.Option(None, "--disk", help="Disk budget of a remote model's store, e.g. 20GB: least recently used slices "
+                    "are deleted beyond it.")
+OFFLINE = typer.Option(None, "--offline/--online", help="Use only what the store holds (default: offline when "
+                       "HF_HUB_OFFLINE=1).")
 
 
 @app.callback()
@@ -32,8 +34,8 @@ def inspect(
     model: str = typer.Argument(..., help=MODEL_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     max_memory: str = typer.Option(None, "--max-memory", help="Memory promise for the whole process, e.g. 8GB (10^9) or 8GiB (2^30): show how big an expert cache fits."),
-    store: str = typer.Option(None, "--store", help=STORE_HELP),
-    offline: bool = typer.Option(None, "--offline/--online", help=OFFLINE_HELP),
+    store: str = STORE,
+    offline: bool = OFFLINE,
 ) -> None:
     """Show a checkpoint's MoE geometry and what each part costs in bytes, reading headers only (by HTTP range for a
     remote checkpoint)."""
@@ -160,9 +162,9 @@ def run(
     io: str = IO,
     expert_cache: str = EXPERT_CACHE,
     quantize: str = QUANTIZE,
-    store: str = typer.Option(None, "--store", help=STORE_HELP),
-    disk: str = typer.Option(None, "--disk", help=DISK_HELP),
-    offline: bool = typer.Option(None, "--offline/--online", help=OFFLINE_HELP),
+    store: str = STORE,
+    disk: str = DISK,
+    offline: bool = OFFLINE,
     adapter: list[str] = ADAPTER,
     use_adapter: str = typer.Option(None, "--use-adapter", help="The adapter this run uses, by name (default: the first --adapter; none: the base model)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: tokens, text, stats."),
@@ -263,17 +265,25 @@ def serve(
     expert_cache: str = EXPERT_CACHE,
     quantize: str = QUANTIZE,
     adapter: list[str] = ADAPTER,
+    store: str = STORE,
+    disk: str = DISK,
+    offline: bool = OFFLINE,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models), with
     /health, Prometheus /metrics, and a page at / that chats and shows the expert cache live. With --adapter, each
-    adapter is listed in /v1/models and a request naming it in `model` runs with it (others run the base model)."""
+    adapter is listed in /v1/models and a request naming it in `model` runs with it (others run the base model). A
+    remote model's slices come from its local store, fetched by HTTP range when missing; /metrics then shows the
+    store's figures too."""
     from .model.demo import demo_model_path
+    from .remote import resolve_layout
     from .runner import parse_adapters
     from .server.serve import serve as run_server
 
+    ref = model or str(demo_model_path())
+    layout, remote = resolve_layout(ref, store, parse_size(disk) if disk else None, offline)
     options = _load_options(max_memory, cache, policy, prefetch, predictor, profiles, speculator, io, expert_cache, quantize,
-                            progress=True) | {"adapters": parse_adapters(adapter or []), "adapter": None}
-    run_server(model or str(demo_model_path()), host, port, max_queue, options)
+                            progress=True) | {"adapters": parse_adapters(adapter or []), "adapter": None, "store": remote}
+    run_server(ref, layout, host, port, max_queue, options)
 
 
 def _fractions(text: str) -> list[float]:
@@ -622,8 +632,8 @@ def _profile_for(path: str, layout):
 def pull(
     model: str = typer.Argument(..., help="A remote model: hf://org/name[@rev][:QUANT], https://.../model.gguf or a folder URL."),
     profile_path: str = typer.Option(None, "--profile", help="A domain profile (see `expertpager profile`): also fetch its hottest slices, as many as the disk budget holds."),
-    disk: str = typer.Option(None, "--disk", help=DISK_HELP),
-    store: str = typer.Option(None, "--store", help=STORE_HELP),
+    disk: str = DISK,
+    store: str = STORE,
     threads: int = typer.Option(4, "--threads", min=1, help="Parallel range requests."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -673,8 +683,8 @@ def plan(
     disk_gbps: float = typer.Option(None, "--disk-gbps", help="Disk read bandwidth in GB/s (default: measured)."),
     net_gbps: float = typer.Option(None, "--net-gbps", help="Network bandwidth in GB/s (default: measured on the remote)."),
     latency_ms: float = typer.Option(None, "--latency-ms", help="Network request latency in ms (default: measured)."),
-    store: str = typer.Option(None, "--store", help=STORE_HELP),
-    offline: bool = typer.Option(None, "--offline/--online", help=OFFLINE_HELP),
+    store: str = STORE,
+    offline: bool = OFFLINE,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Plan a fit from headers only: what fits in --ram (and a remote model's store in --disk), the RAM cache's hit

@@ -149,7 +149,8 @@ class SliceCache:
     the slots hold instead of the raw bytes for the keys it has views for (raw bytes go to staging buffers, counted
     in the budget, and are verified there before decoding); source(key): a context manager that makes the slice's
     files present while it is read (a local store of a remote checkpoint; its files are then opened per read, as the
-    store may replace them).
+    store may replace them); announce(keys): told, before their reads start, which slices a pin or a prefetch is about
+    to read together (so the store can fetch neighbours in one request).
     """
 
     def __init__(
@@ -164,6 +165,7 @@ class SliceCache:
         wait_timeout: float = 60.0,
         decode: Decoder | None = None,
         source: Source | None = None,
+        announce: Callable[[list[SliceKey]], None] | None = None,
     ):
         if not slices:
             raise ExpertPagerError("no expert slices to cache")
@@ -188,6 +190,7 @@ class SliceCache:
         slot_sizes = plan_slots(planned, budget, min_pinned, self.staging_bytes, max(pieces.values(), default=0))
         self._files = Files({r.file for p in self._plans.values() for r in p.runs}, io, keep_open=source is None)
         self._source = source or (lambda key: nullcontext())
+        self._announce = announce or (lambda keys: None)
         self._pool = SlotPool(slot_sizes + [stage_size] * stages)
         self._slots = [_Slot(i, self._pool.slot(i), self._pool.offsets[i]) for i in range(len(slot_sizes))]
         self._decode = decode
@@ -300,6 +303,8 @@ class SliceCache:
             if len(keys) > len(self._slots):
                 raise ExpertPagerError(f"cannot pin {len(keys)} slices at once: the cache has {len(self._slots)} slots")
             hits, own, joined = self._claim(keys)
+            if own:
+                self._announce([load.key for load in own])
             self._demand.extend(own)
             self._work.notify(len(own))
         self.prefetch(prefetch)
@@ -482,16 +487,17 @@ class SliceCache:
         """Queue loads in the background; a later pin joins them. Keys resident, loading or queued are skipped."""
         with self._lock:
             self._check(())
-            n = 0
+            new = []
             for key in keys:
                 key = tuple(key)
                 if key not in self._plans:
                     raise ExpertPagerError(f"no expert slice or adapter piece {key} in this cache")
                 if key not in self._ready and key not in self._loading and key not in self._queued:
                     self._queued[key] = None
-                    n += 1
-            if n:
-                self._work.notify(n)
+                    new.append(key)
+            if new:
+                self._announce(new)
+                self._work.notify(len(new))
 
     def cancel_prefetches(self, keys: Iterable[SliceKey] | None = None) -> int:
         """Drop queued prefetches not yet started (all, or those for `keys`); returns how many were dropped."""

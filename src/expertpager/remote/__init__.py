@@ -1,5 +1,6 @@
 """Remote checkpoints: references (hf://, https://), HTTP range reads with retries, and a local store of fetched
-slices under a disk budget. The pager knows nothing of this: the runtime hands it the store's `hold`."""
+slices under a disk budget. The pager knows nothing of this: the runtime hands it the store's `hold` and
+`announce`."""
 
 from .http import RangeClient
 from .open import default_store, open_store, resolve_layout

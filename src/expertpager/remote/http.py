@@ -6,6 +6,7 @@ short or misplaced body."""
 import random
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import httpx2
@@ -15,6 +16,20 @@ from ..errors import ExpertPagerError
 
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 CHUNK = 1 << 20
+COALESCE_GAP = 1 << 20  # ranges of one file closer than this are fetched in one request (the gap is read and dropped)
+MAX_REQUEST = 64 << 20  # ... as long as the request stays within this many bytes
+
+
+def coalesce(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, end) ranges of one file merged into the spans to request: sorted, neighbours closer than COALESCE_GAP
+    joined while the span stays within MAX_REQUEST bytes (a single longer range stays one span)."""
+    spans: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if spans and start - spans[-1][1] < COALESCE_GAP and max(end, spans[-1][1]) - spans[-1][0] <= MAX_REQUEST:
+            spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
+        else:
+            spans.append((start, end))
+    return spans
 
 
 @dataclass

@@ -11,6 +11,7 @@ from ..errors import ExpertPagerError
 from ..model.layout import Layout
 from ..model.read_layout import read_layout
 from .http import RangeClient
+from .lock import LOCK_FILE, store_locked
 from .refs import RemoteModel, is_remote, list_remote
 from .skeleton import fetch_skeleton, pwrite_all, write_atomic
 from .store import STORE_FILE, Store
@@ -39,26 +40,37 @@ def open_store(ref: str, folder: str | Path | None = None, disk: int | None = No
     offline = is_offline() if offline is None else offline
     client = client or RangeClient()
     meta_path = folder / STORE_FILE
-    old = json.loads(meta_path.read_text()) if meta_path.exists() else None
-    if old is None and folder.exists() and any(folder.iterdir()):
+    if not meta_path.exists() and folder.exists() and any(p.name != LOCK_FILE for p in folder.iterdir()):
         raise ExpertPagerError(f"{folder}: not an expertpager store (no {STORE_FILE}) and not empty; give an empty "
                                "or new folder to --store")
-    if offline:
-        if old is None:
-            raise ExpertPagerError(f"{ref}: offline, and there is no store for it at {folder}; "
-                                   f"run `expertpager pull {ref}` online first")
-        model = RemoteModel.from_json(old["model"])
-    else:
-        model = list_remote(ref, client)
-        if old is not None and (old["model"]["ref"] != ref or old["model"]["version"] != model.version):
-            shutil.rmtree(folder)  # another checkpoint, or the remote changed: slices must not be mixed
-            old = None
+    if offline and not meta_path.exists():
+        raise ExpertPagerError(f"{ref}: offline, and there is no store for it at {folder}; "
+                               f"run `expertpager pull {ref}` online first")
+    model = None if offline else list_remote(ref, client)
     folder.mkdir(parents=True, exist_ok=True)
-    fixed = fetch_skeleton(folder, model, client)
-    if old is None:
-        raw = json.dumps({"model": model.to_json(), "resident": False}, indent=1).encode()
-        write_atomic(meta_path, len(raw), lambda fd: pwrite_all(fd, raw, 0))
+    with store_locked(folder):  # another process may be opening or using the same store
+        old = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        if model is None:
+            model = RemoteModel.from_json(old["model"])
+        elif old is not None and (old["model"]["ref"] != ref or old["model"]["version"] != model.version):
+            _clear(folder)  # another checkpoint, or the remote changed: slices must not be mixed
+            old = None
+        fixed = fetch_skeleton(folder, model, client)
+        if old is None:
+            raw = json.dumps({"model": model.to_json(), "resident": False}, indent=1).encode()
+            write_atomic(meta_path, len(raw), lambda fd: pwrite_all(fd, raw, 0))
     return Store(folder, model, _layout(folder, model), fixed, disk, client, offline)
+
+
+def _clear(folder: Path) -> None:
+    """Everything in the store folder but its lock file (which other processes may be waiting on)."""
+    for p in folder.iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _layout(folder: Path, model: RemoteModel) -> Layout:

@@ -10,12 +10,10 @@ from pathlib import Path
 
 from ..errors import ExpertPagerError
 from ..model.tensors import MAX_HEADER_BYTES
-from .http import RangeClient
+from .http import MAX_REQUEST, RangeClient, coalesce
 from .refs import RemoteFile, RemoteModel
 
 GGUF_FIRST_READ = 1 << 20
-COALESCE_GAP = 1 << 20  # resident tensors closer than this are fetched in one request
-MAX_REQUEST = 64 << 20
 
 
 def temp_path(path: Path) -> Path:
@@ -113,16 +111,10 @@ def _gguf_header(path: Path, f: RemoteFile, model: RemoteModel, client: RangeCli
 def fetch_ranges(path: Path, f: RemoteFile, ranges: list[tuple[int, int]], model: RemoteModel, client: RangeClient,
                  advance: Callable[[int], None] = lambda n: None) -> None:
     """Write bytes [start, end) of the remote file for each range into the local skeleton file at the same offsets
-    (ranges closer than COALESCE_GAP go in one request, at most MAX_REQUEST bytes each), then fsync."""
-    merged: list[list[int]] = []
-    for start, end in sorted(ranges):
-        if merged and start - merged[-1][1] < COALESCE_GAP and end - merged[-1][0] <= MAX_REQUEST:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
+    (ranges close together go in one request: coalesce), then fsync."""
     fd = os.open(path, os.O_RDWR)
     try:
-        for start, end in merged:
+        for start, end in coalesce(ranges):
             for at in range(start, end, MAX_REQUEST):
                 n = min(MAX_REQUEST, end - at)
                 pwrite_all(fd, client.read(f.url, at, n, model.headers), at)

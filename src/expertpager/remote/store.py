@@ -1,14 +1,17 @@
 """The local store of a remote checkpoint: its skeleton (headers, small files, resident tensors fetched once) and
 one file per expert slice fetched so far, under a disk budget. A slice the pager misses is looked up here and, if
 absent, fetched by HTTP range, verified (its SHA-256 where the checkpoint is a repacked one with a manifest, else
-every byte of its length), written under a temporary name and renamed. Over budget, the least recently used slices
+every byte of its length), written under a temporary name and renamed. Slices the pager announces together (a layer's
+misses, a prefetch) and `fetch_many` (pull) are fetched with their remote neighbours: byte ranges closer than
+http.COALESCE_GAP come in one range request (at most http.MAX_REQUEST bytes), split into their files. Over budget, the least recently used slices
 not being read are deleted (recency survives between runs as the files' mtimes). Offline, only what the store holds is used, and a missing slice is named."""
 
 import json
 import os
 import threading
 import time
-from collections import OrderedDict
+from bisect import bisect_right
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -19,12 +22,14 @@ from ..model.layout import ExpertSlice, Layout, SliceKey, TensorPart
 from ..model.manifest import slice_digest
 from ..model.read_layout import read_layout
 from ..pager.reads import plan_reads
-from .http import RangeClient
+from .http import COALESCE_GAP, MAX_REQUEST, RangeClient, coalesce
+from .lock import bump, delete_unless_held, generation, hold_shared, store_locked
 from .refs import RemoteFile, RemoteModel
 from .skeleton import fetch_ranges, pwrite_all, skeleton_bytes, write_atomic
 
 STORE_FILE = "store.json"
 SLICES = "slices"
+ANNOUNCED = 4  # batches of announced keys a fetch may take neighbours from (a layer's misses and its prefetches)
 
 
 @dataclass
@@ -68,7 +73,7 @@ class Store:
     """A remote checkpoint's local store in `folder`. `layout` is the checkpoint as the pager reads it: resident
     tensors in the skeleton, each expert slice in its own file (parts at their remote offsets modulo 4 KiB, so
     alignment, and with it every result, is that of the local checkpoint). `hold(key)` makes a slice's file present
-    and keeps it while held."""
+    and keeps it while held; `announce(keys)` tells it which lookups are coming, so one fetch can serve several."""
 
     def __init__(self, folder: Path, model: RemoteModel, layout: Layout, fixed_bytes: int, disk: int | None,
                  client: RangeClient, offline: bool):
@@ -76,10 +81,11 @@ class Store:
         self.remote_layout = layout
         self.disk = disk
         self._fixed = fixed_bytes
-        self._reserved = 0
         self._lock = threading.Lock()
         self._held: dict[SliceKey, int] = {}
         self._fetching: dict[SliceKey, threading.Event] = {}
+        self._announced: deque[set[SliceKey]] = deque(maxlen=ANNOUNCED)
+        self._ahead: set[SliceKey] = set()  # fetched along with a neighbour, not looked up yet
         self._stats = StoreStats(disk_budget=disk)
         by_path = {str(folder / n): model.files[n] for n in model.weights}
         self._sources: dict[SliceKey, _Source] = {}
@@ -88,9 +94,11 @@ class Store:
             slices[key], self._sources[key] = self._local_slice(s, by_path, layout.checksums.get(key))
         self.layout = replace(layout, slices=slices, files=sorted({t.file for t in layout.resident}))
         self._check_budget(0)
-        self._present: OrderedDict[SliceKey, int] = self._scan()
-        with self._lock:
-            self._make_room(0, None)  # the budget may be smaller than last time
+        self._present: OrderedDict[SliceKey, int] = OrderedDict()
+        self._generation = -1  # of the slice files (lock.generation) that _present reflects
+        with store_locked(folder) as fd, self._lock:
+            self._refresh(fd)
+            self._make_room(0, None, fd)  # the budget may be smaller than last time
 
     # -- layout ----------------------------------------------------------------------------------------------
 
@@ -114,8 +122,16 @@ class Store:
         size = max(at + end - start for _, start, end, at in runs)
         return ExpertSlice(s.layer, s.expert, tuple(sorted(parts, key=lambda p: p.offset))), _Source(tuple(runs), size, sha)
 
+    def _refresh(self, fd: int) -> None:
+        """Under both locks (lock fd): reread the slice files if another process (or Store) changed them."""
+        if generation(fd) != self._generation:
+            self._present = self._scan()
+            self._ahead &= set(self._present)
+            self._generation = generation(fd)
+
     def _scan(self) -> "OrderedDict[SliceKey, int]":
-        """Slices already in the store (complete files only: they were renamed into place), oldest use first."""
+        """Under the folder's lock: slices in the store (complete files only: they were renamed into place), oldest
+        use first; what a write cut short left is deleted."""
         found = []
         folder = self.folder / SLICES
         for entry in os.scandir(folder) if folder.is_dir() else ():
@@ -142,7 +158,7 @@ class Store:
 
     @property
     def used_bytes(self) -> int:
-        return self._fixed + self._reserved + sum(self._present.values())
+        return self._fixed + sum(self._present.values())
 
     def present(self) -> list[SliceKey]:
         with self._lock:
@@ -163,40 +179,129 @@ class Store:
 
     @contextmanager
     def hold(self, key: SliceKey) -> Iterator[None]:
-        """Make the slice's file present (fetching it if absent) and keep it from eviction while held."""
+        """Make the slice's file present (fetching it if absent) and keep it from eviction, by this process or
+        another one sharing the store, while held."""
         with self._lock:
             self._held[key] = self._held.get(key, 0) + 1
         try:
-            self.ensure(key)
-            yield
+            while True:
+                self.ensure(key)
+                fd = hold_shared(self.slice_path(key))
+                if fd is not None:
+                    break
+                with self._lock:  # another process evicted it meanwhile
+                    self._present.pop(key, None)
+            try:
+                yield
+            finally:
+                os.close(fd)
         finally:
             with self._lock:
                 self._held[key] -= 1
                 if not self._held[key]:
                     del self._held[key]
 
+    def announce(self, keys: Iterable[SliceKey]) -> None:
+        """Be told that `keys` will be looked up soon (a layer's misses, a prefetch): a lookup that has to fetch takes
+        along those of them whose remote bytes lie next to its own (see _groups). The last ANNOUNCED batches count."""
+        with self._lock:
+            self._announced.append({k for k in keys if k in self._sources and k not in self._present})
+
     def ensure(self, key: SliceKey) -> bool:
-        """Make the slice's file present; True when it had to be fetched."""
+        """Make the slice's file present; True when it had to be fetched (with its announced neighbours)."""
         while True:
             with self._lock:
                 if key in self._present:
                     self._present.move_to_end(key)
-                    self._stats.hits += 1
+                    if key in self._ahead:  # fetched along with a neighbour for this very lookup
+                        self._ahead.discard(key)
+                        self._stats.misses += 1
+                    else:
+                        self._stats.hits += 1
                     self._touch(key)
                     return False
                 waiting = self._fetching.get(key)
+                if waiting is None and self._written_elsewhere(key):
+                    continue
                 if waiting is None:
                     if self.offline:
                         raise ExpertPagerError(self._missing_message([key]))
-                    self._fetching[key] = threading.Event()
+                    near = {k for batch in self._announced for k in batch
+                            if k not in self._present and k not in self._fetching} - {key}
+                    group = next(g for g in self._groups([key, *sorted(near)]) if key in g)
+                    group = [key, *(k for k in group if k != key)]
+                    self._claim(group)
                     self._stats.misses += 1
                     break
             waiting.wait()
+        self._fetch(group)
+        return True
+
+    def fetch_many(self, keys: Iterable[SliceKey], threads: int = 4, advance=lambda: None) -> int:
+        """Fetch the slices of `keys` not yet present, neighbours on the remote in one request each (see _groups),
+        `threads` requests at a time; `advance()` once per key. Returns how many were fetched."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        keys = list(dict.fromkeys(keys))
+        with self._lock:
+            todo = [k for k in keys if k not in self._present and k not in self._fetching]
+            if todo and self.offline:
+                raise ExpertPagerError(self._missing_message(todo))
+            groups = self._groups(todo)
+            for group in groups:
+                self._claim(group)
+            self._stats.misses += len(todo)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for group in pool.map(lambda g: self._fetch(g, len(g)), groups):
+                for _ in group:
+                    advance()
+        fetched = set(todo)
+        for key in (k for k in keys if k not in fetched):  # present already, or being fetched by another thread
+            self.ensure(key)
+            advance()
+        return len(todo)
+
+    def _groups(self, keys: list[SliceKey]) -> list[list[SliceKey]]:
+        """Under the lock: `keys` split into groups to fetch together: slices whose remote ranges coalesce into shared
+        requests (http.coalesce), in remote order, at most MAX_REQUEST bytes a group."""
+        root = {k: k for k in keys}
+
+        def find(k: SliceKey) -> SliceKey:
+            while root[k] != k:
+                root[k] = root[root[k]]
+                k = root[k]
+            return k
+
+        runs = sorted((f.url, start, end, key) for key in keys for f, start, end, _ in self._sources[key].runs)
+        for (url0, _, end0, key0), (url, start, _, key) in zip(runs, runs[1:]):
+            if url == url0 and start - end0 < COALESCE_GAP:
+                root[find(key)] = find(key0)
+        first = {}
+        for url, start, _, key in runs:
+            first.setdefault(key, (url, start))
+        members: dict[SliceKey, list[SliceKey]] = {}
+        for key in sorted(keys, key=first.__getitem__):
+            members.setdefault(find(key), []).append(key)
+        groups = []
+        for same in members.values():
+            size = MAX_REQUEST
+            for key in same:
+                if size + self._sources[key].size > MAX_REQUEST:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(key)
+                size += self._sources[key].size
+        return groups
+
+    def _written_elsewhere(self, key: SliceKey) -> bool:
+        """Under the lock: whether another process sharing the store has written the slice; if so it is present."""
         try:
-            self._fetch(key)
-        finally:
-            with self._lock:
-                self._fetching.pop(key).set()
+            size = os.stat(self.slice_path(key)).st_size
+        except FileNotFoundError:
+            return False
+        if size != self._sources[key].size:
+            return False
+        self._present[key] = size
         return True
 
     def _touch(self, key: SliceKey) -> None:
@@ -206,31 +311,89 @@ class Store:
         except FileNotFoundError:
             pass
 
-    def _fetch(self, key: SliceKey) -> None:
-        """Fetch the slice's runs into an image of its file, verify it, make room, write it atomically."""
-        src = self._sources[key]
-        image = bytearray(src.size)
-        for f, start, end, at in src.runs:
-            image[at: at + end - start] = self.client.read(f.url, start, end - start, self.model.headers, f.etag)
-        if src.sha256 is not None:
-            local = {p.role: p for p in self.layout.slices[key].parts}
-            parts = sorted(self.remote_layout.slices[key].parts, key=lambda p: (p.file, p.offset))
-            if slice_digest(image[local[p.role].offset: local[p.role].offset + p.length] for p in parts) != src.sha256:
-                raise ExpertPagerError(f"{src.runs[0][0].url}: expert slice {key} (layer, expert) arrived with the wrong "
-                                       "SHA-256 (the manifest disagrees); it was not stored")
-        with self._lock:
-            self._make_room(src.size, key)
-            self._reserved += src.size  # so parallel fetches leave room for this one
-        try:
-            write_atomic(self.slice_path(key), src.size, lambda fd: pwrite_all(fd, image, 0))
-            with self._lock:
-                self._present[key] = src.size
-        finally:
-            with self._lock:
-                self._reserved -= src.size
+    def _claim(self, keys: list[SliceKey]) -> None:
+        """Under the lock: mark `keys` as being fetched by this thread (other lookups wait for them)."""
+        for key in keys:
+            self._fetching[key] = threading.Event()
 
-    def _make_room(self, size: int, key: SliceKey) -> None:
-        """Under the lock: delete least recently used slices not held until `size` more bytes fit the budget."""
+    def _release(self, key: SliceKey) -> None:
+        with self._lock:
+            waiting = self._fetching.pop(key, None)
+        if waiting is not None:
+            waiting.set()
+
+    def _fetch(self, keys: list[SliceKey], asked: int = 1) -> list[SliceKey]:
+        """Fetch the claimed `keys` in as few range requests as their remote bytes allow, verify each slice, make room
+        and write it atomically, releasing each as it lands. The first `asked` keys are the ones looked up: a failure
+        of one of them is raised; a neighbour fetched along that fails is left out, for its own lookup to retry."""
+        error = None
+        try:
+            for i, (key, image) in enumerate(self._download(keys)):
+                try:
+                    self._verify(key, image)
+                    self._write(key, image)
+                    if i >= asked:
+                        with self._lock:
+                            self._ahead.add(key)
+                except ExpertPagerError as e:
+                    error = error or (e if i < asked else None)
+                finally:
+                    self._release(key)
+        finally:
+            for key in keys:
+                self._release(key)
+        if error is not None:
+            raise error
+        return keys
+
+    def _download(self, keys: list[SliceKey]) -> Iterator[tuple[SliceKey, bytearray]]:
+        """(key, its file's image) for each of `keys` in order, from one range request per coalesced span."""
+        images = {k: bytearray(self._sources[k].size) for k in keys}
+        by_url: dict[str, list[tuple[RemoteFile, int, int, SliceKey, int]]] = {}
+        for key in keys:
+            for f, start, end, at in self._sources[key].runs:
+                by_url.setdefault(f.url, []).append((f, start, end, key, at))
+        for runs in by_url.values():
+            f = runs[0][0]
+            spans = coalesce((start, end) for _, start, end, _, _ in runs)
+            starts = [s for s, _ in spans]
+            inside: list[list] = [[] for _ in spans]
+            for run in runs:
+                inside[bisect_right(starts, run[1]) - 1].append(run)
+            for (span_start, span_end), span_runs in zip(spans, inside):
+                data = self.client.read(f.url, span_start, span_end - span_start, self.model.headers, f.etag)
+                for _, start, end, key, at in span_runs:
+                    images[key][at: at + end - start] = data[start - span_start: end - span_start]
+        for key in keys:
+            yield key, images.pop(key)
+
+    def _verify(self, key: SliceKey, image: bytearray) -> None:
+        """A repacked checkpoint's slice against its manifest's SHA-256."""
+        src = self._sources[key]
+        if src.sha256 is None:
+            return
+        local = {p.role: p for p in self.layout.slices[key].parts}
+        parts = sorted(self.remote_layout.slices[key].parts, key=lambda p: (p.file, p.offset))
+        if slice_digest(image[local[p.role].offset: local[p.role].offset + p.length] for p in parts) != src.sha256:
+            raise ExpertPagerError(f"{src.runs[0][0].url}: expert slice {key} (layer, expert) arrived with the wrong "
+                                   "SHA-256 (the manifest disagrees); it was not stored")
+
+    def _write(self, key: SliceKey, image: bytearray) -> None:
+        """Make room for the slice and write its file atomically, under the folder's lock (so the budget holds for
+        every process and thread sharing the store)."""
+        size = self._sources[key].size
+        with store_locked(self.folder) as fd:
+            with self._lock:
+                self._refresh(fd)
+                self._make_room(size, key, fd)
+            write_atomic(self.slice_path(key), size, lambda out: pwrite_all(out, image, 0))
+            with self._lock:
+                self._present[key] = size
+                self._generation = bump(fd)
+
+    def _make_room(self, size: int, key: SliceKey | None, fd: int) -> None:
+        """Under both locks (lock fd): delete least recently used slices not held (here or by another process) until
+        `size` more bytes fit the budget."""
         if self.disk is None:
             return
         victims = iter([k for k in self._present if k not in self._held and k not in self._fetching])
@@ -240,9 +403,12 @@ class Store:
                 raise ExpertPagerError(f"{self.folder}: the disk budget of {self.disk:,} bytes is too small for slice "
                                        f"{key}: {self.used_bytes:,} bytes are resident tensors, headers and slices "
                                        "in use; raise --disk")
+            if not delete_unless_held(self.slice_path(victim)):
+                continue
             del self._present[victim]
-            self.slice_path(victim).unlink(missing_ok=True)
+            self._ahead.discard(victim)
             self._stats.evictions += 1
+            self._generation = bump(fd)
 
     def _check_budget(self, extra: int) -> None:
         if self.disk is not None and self._fixed + extra > self.disk:
@@ -254,18 +420,6 @@ class Store:
         return (f"{self.model.ref}: offline, and expert slice {keys[0]} (layer, expert) is not in the store "
                 f"{self.folder} ({len(self._present)} of {len(self._sources)} slices are; {n} missing); "
                 f"fetch them online first with: expertpager pull {self.model.ref}")
-
-    def fetch_many(self, keys: Iterable[SliceKey], threads: int = 4, advance=lambda: None) -> int:
-        """Fetch the slices of `keys` not yet present (in parallel); returns how many were fetched."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        def one(key: SliceKey) -> bool:
-            fetched = self.ensure(key)
-            advance()
-            return fetched
-
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            return sum(pool.map(one, list(keys)))
 
     def measure_network(self, sample_bytes: int = 32 << 20, threads: int = 4) -> tuple[float, float]:
         """(bytes/s of slice-sized range reads, `threads` at a time; seconds of one 1-byte read, the median of 3),
@@ -308,7 +462,8 @@ class Store:
                 fetch_ranges(Path(path), self.model.files[name], ranges, self.model, self.client,
                              lambda n: [advance() for _ in range(n >> 20)])
         self._fixed = skeleton_bytes(self.folder, self.model)
-        self._write_meta({**meta, "resident": True})
+        with store_locked(self.folder):
+            self._write_meta({**self._meta(), "resident": True})
 
     def _meta(self) -> dict:
         return json.loads((self.folder / STORE_FILE).read_text())

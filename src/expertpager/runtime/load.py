@@ -336,7 +336,8 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     verify = checksum_verifier(layout.slices, layout.checksums) if layout.checksums else None
     pager = SliceCache({**layout.slices, **pieces}, plan.cache_bytes, policy=policy, io=io, threads=threads,
                        min_pinned=layout.experts_per_token, verify=verify, decode=decoder,
-                       source=remote.hold if remote is not None else None)
+                       source=remote.hold if remote is not None else None,
+                       announce=remote.announce if remote is not None else None)
     for module in model.modules():
         if isinstance(module, PagedExperts):
             module.cache = pager

@@ -1,5 +1,6 @@
-"""GET /metrics: the server's request counters and the pager's figures in Prometheus text format, read at scrape
-time from the engine's totals and the pager's own stats (pager/stats.py)."""
+"""GET /metrics: the server's request counters, the pager's figures and, for a remote model, its store's, in
+Prometheus text format, read at scrape time from the engine's totals, the pager's own stats (pager/stats.py) and the
+store's (remote/store.py StoreStats)."""
 
 from collections.abc import Iterator
 from dataclasses import replace
@@ -7,6 +8,7 @@ from dataclasses import replace
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ..remote.store import StoreStats
 from .engine import Engine
 
 
@@ -46,6 +48,8 @@ class EngineCollector:
         yield _gauge("model_loaded", "1 once the model is loaded.", 1.0 if e.ready.is_set() else 0.0)
         if e.ready.is_set():
             yield from self._pager()
+            if e.model.store is not None:
+                yield from _store(e.model.store.stats())
 
     def _pager(self) -> Iterator[Metric]:
         model = self.engine.model
@@ -72,6 +76,24 @@ class EngineCollector:
         for layer, c in sorted(s.per_layer.items()):
             layers.add_metric([str(layer)], c.hit_rate)
         yield layers
+
+
+def _store(s: StoreStats) -> Iterator[Metric]:
+    yield _gauge("store_hit_rate", "Slice lookups the local store answered from disk, since start.", s.hit_rate)
+    lookups = CounterMetricFamily("expertpager_store_lookups", "Slice lookups in the local store: hit (on disk), "
+                                  "miss (fetched remotely).", labels=["result"])
+    for result, n in (("hit", s.hits), ("miss", s.misses)):
+        lookups.add_metric([result], n)
+    yield lookups
+    yield _counter("store_evictions", "Slices deleted from the store to keep its disk budget.", s.evictions)
+    yield _counter("remote_fetched_bytes", "Bytes fetched from the remote checkpoint (slices, headers, resident).",
+                   s.remote_bytes)
+    yield _counter("remote_fetch_seconds", "Seconds spent in remote requests, summed over threads.", s.remote_seconds)
+    yield _counter("remote_requests", "Range requests to the remote checkpoint.", s.remote_requests)
+    yield _counter("remote_retries", "Range requests retried after a fault.", s.remote_retries)
+    yield _gauge("store_bytes", "Bytes the store takes on disk (headers, resident tensors, slices).", s.store_bytes)
+    if s.disk_budget is not None:
+        yield _gauge("store_budget_bytes", "The store's disk budget.", s.disk_budget)
 
 
 def render(engine: Engine) -> bytes:

@@ -10,7 +10,7 @@ import uvicorn
 
 from ..errors import ExpertPagerError
 from ..model.demo import demo_model_path
-from ..model.read_layout import read_layout
+from ..model.layout import Layout
 from ..runner import load_tokenizer, open_model
 from .app import create_app
 from .engine import Engine
@@ -36,9 +36,9 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(ref: str, host: str, port: int, max_queue: int, load_options: dict) -> None:
-    """Serve `ref` until interrupted; raises ExpertPagerError when the model cannot be loaded."""
-    layout = read_layout(ref)
+def serve(ref: str, layout: Layout, host: str, port: int, max_queue: int, load_options: dict) -> None:
+    """Serve `ref` (whose layout is `layout`; a remote one's open Store in load_options["store"]) until interrupted;
+    raises ExpertPagerError when the model cannot be loaded."""
     tokenizer = load_tokenizer(layout.path)
     if tokenizer is None:
         raise ExpertPagerError(f"{layout.path}: serve needs a checkpoint with a tokenizer")
