@@ -13,9 +13,10 @@ writes its own PID to cgroup.procs before it execs, so everything it does is cha
     repacked into anonymous memory on this CPU) and once with `--repack 0 -lm mmap` (weights used in place from
     the mmap, so the kernel can evict and re-read them: how it runs under a small cap). llama-bench times the prompt (pp) and then, on a fresh context,
     N generated tokens from position 0 (tg); no warmup, so prefill runs cold, as expertpager's does.
-  - expertpager run FILE --prompt-ids (P ids) -n N --max-memory CAP --json, with OMP_NUM_THREADS=T; without a cap
-    it gets --max-memory from --ep-uncapped-memory (12GB: with no promise it sizes its cache for every slice
-    decoded to float32, about 29 GB here, more than this machine has). Decode follows the P-token prompt.
+  - expertpager run MODEL --prompt-ids (P ids) -n N --max-memory CAP --json, with OMP_NUM_THREADS=T, for each of
+    --ep-models (LABEL=PATH: the GGUF itself, or stores made from it by `expertpager repack GGUF OUT --compact` or
+    `--quantize int4`); without a cap it runs `--resident` instead (every slice read before the prompt, as
+    llama.cpp's default loads every weight before it times anything). Decode follows the P-token prompt.
 
 Each run is a row even when it fails: status ok, oom-killed (SIGKILL with the cgroup's oom_kill count up),
 killed, timeout (after --timeout seconds; the process group is killed), refused or failed (nonzero exit; the last
@@ -217,10 +218,12 @@ def prompt_ids(n: int, vocab: int = 6000) -> str:
     return ",".join(str(100 + (i * 7919) % (vocab - 100)) for i in range(n))
 
 
-def expertpager_cmd(gguf: Path, prompt_len: int, tokens: int, max_memory: str) -> list[str]:
-    """expertpager run on the GGUF with a fixed prompt of `prompt_len` ids; one JSON object out."""
-    return [sys.executable, "-m", "expertpager", "run", str(gguf), "--prompt-ids", prompt_ids(prompt_len),
-            "-n", str(tokens), "--max-memory", max_memory, "--json"]
+def expertpager_cmd(model: Path, prompt_len: int, tokens: int, max_memory: str | None) -> list[str]:
+    """expertpager run on `model` with a fixed prompt of `prompt_len` ids, under `max_memory` or fully resident
+    (None); one JSON object out."""
+    memory = ["--resident"] if max_memory is None else ["--max-memory", max_memory]
+    return [sys.executable, "-m", "expertpager", "run", str(model), "--prompt-ids", prompt_ids(prompt_len),
+            "-n", str(tokens), *memory, "--json"]
 
 
 def parse_expertpager(stdout: str) -> dict | None:
@@ -261,14 +264,15 @@ def run_llama(bench: Path, gguf: Path, variant: str, prompt_len: int, tokens: in
     return row
 
 
-def run_expertpager(gguf: Path, prompt_len: int, tokens: int, threads: int, cap: str, limit: int | None,
-                    timeout: float, uncapped_memory: str, src: Path) -> Row:
-    """One expertpager run under a cap (its --max-memory is the cap; uncapped_memory when there is none)."""
-    max_memory = uncapped_memory if limit is None else str(limit)
+def run_expertpager(label: str, model: Path, prompt_len: int, tokens: int, threads: int, cap: str, limit: int | None,
+                    timeout: float, src: Path) -> Row:
+    """One expertpager run under a cap (its --max-memory is the cap; fully resident when there is none)."""
+    max_memory = None if limit is None else str(limit)
     env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
                OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    row = Row("expertpager", "run", prompt_len, tokens, cap, limit, f"--max-memory {max_memory} OMP_NUM_THREADS={threads}")
-    m = run_in_cgroup(expertpager_cmd(gguf, prompt_len, tokens, max_memory), limit, timeout, env)
+    memory = "--resident" if max_memory is None else f"--max-memory {max_memory}"
+    row = Row("expertpager", label, prompt_len, tokens, cap, limit, f"{model.name} {memory} OMP_NUM_THREADS={threads}")
+    m = run_in_cgroup(expertpager_cmd(model, prompt_len, tokens, max_memory), limit, timeout, env)
     fill(row, m)
     stats = parse_expertpager(m.stdout)
     if stats is not None:
@@ -291,22 +295,23 @@ def ep_note(stats: dict, new_tokens: int | None, tokens: int) -> str:
 
 
 def ratios(rows: list[Row]) -> list[dict]:
-    """Per (prompt length, cap): expertpager's tok/s over the best completed llama.cpp run under the same cap."""
+    """Per (prompt length, cap) and expertpager model: its tok/s over the best completed llama.cpp run under the
+    same cap."""
     out = []
     for key in dict.fromkeys((r.prompt_len, r.cap) for r in rows):
         here = [r for r in rows if (r.prompt_len, r.cap) == key]
         llama = [r for r in here if r.program == "llama.cpp" and r.decode_tps]
-        ep = next((r for r in here if r.program == "expertpager"), None)
         best = max(llama, key=lambda r: r.decode_tps, default=None)
-        item = {"prompt_len": key[0], "cap": key[1], "llama_best": best.variant if best else None,
-                "llama_decode_tps": best.decode_tps if best else None,
-                "expertpager": ep.status if ep else None, "expertpager_decode_tps": ep.decode_tps if ep else None,
-                "decode_ratio": None, "prefill_ratio": None}
-        if best and ep and ep.decode_tps:
-            item["decode_ratio"] = round(ep.decode_tps / best.decode_tps, 3)
-            if ep.prefill_tps and best.prefill_tps:
-                item["prefill_ratio"] = round(ep.prefill_tps / best.prefill_tps, 3)
-        out.append(item)
+        for ep in [r for r in here if r.program == "expertpager"] or [None]:
+            item = {"prompt_len": key[0], "cap": key[1], "llama_best": best.variant if best else None,
+                    "llama_decode_tps": best.decode_tps if best else None, "model": ep.variant if ep else None,
+                    "expertpager": ep.status if ep else None, "expertpager_decode_tps": ep.decode_tps if ep else None,
+                    "decode_ratio": None, "prefill_ratio": None}
+            if best and ep and ep.decode_tps:
+                item["decode_ratio"] = round(ep.decode_tps / best.decode_tps, 3)
+                if ep.prefill_tps and best.prefill_tps:
+                    item["prefill_ratio"] = round(ep.prefill_tps / best.prefill_tps, 3)
+            out.append(item)
     return out
 
 
@@ -317,22 +322,22 @@ def fmt(v: float | int | None, scale: float = 1.0, digits: int = 2) -> str:
 
 def print_table(rows: list[Row], ratio_rows: list[dict]) -> None:
     """Markdown tables: one row per run, then the ratios."""
-    print("| prompt | cap | program | flags | status | prefill tok/s | decode tok/s | cgroup peak GB | peak RSS GB "
+    print("| prompt | cap | program | model | flags | status | prefill tok/s | decode tok/s | cgroup peak GB | peak RSS GB "
           "| read GB | major faults | wall s | CPU s | others' CPU s | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cap = r.cap if r.cap_bytes is None else f"{r.cap} ({r.cap_bytes / 1e9:.2f} GB)"
-        print(f"| {r.prompt_len} | {cap} | {r.program} | `{r.flags}` | {r.status} | {fmt(r.prefill_tps)} "
+        print(f"| {r.prompt_len} | {cap} | {r.program} | {r.variant} | `{r.flags}` | {r.status} | {fmt(r.prefill_tps)} "
               f"| {fmt(r.decode_tps)} | {fmt(r.peak_cgroup_bytes, 1e9)} | {fmt(r.maxrss_bytes, 1e9)} "
               f"| {fmt(r.read_bytes, 1e9)} | {fmt(r.major_faults, 1, 0)} | {fmt(r.wall_s, 1, 0)} | {fmt(r.cpu_s, 1, 0)} "
               f"| {fmt(r.others_cpu_s, 1, 0)} | {r.note[:160]} |")
     print()
-    print("| prompt | cap | llama.cpp best (decode tok/s) | expertpager (decode tok/s) | decode ratio ep/llama "
-          "| prefill ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| prompt | cap | llama.cpp best (decode tok/s) | expertpager model | status (decode tok/s) "
+          "| decode ratio ep/llama | prefill ratio |")
+    print("|---|---|---|---|---|---|---|")
     for x in ratio_rows:
         print(f"| {x['prompt_len']} | {x['cap']} | {x['llama_best'] or '-'} ({fmt(x['llama_decode_tps'])}) "
-              f"| {x['expertpager'] or '-'} ({fmt(x['expertpager_decode_tps'])}) | {fmt(x['decode_ratio'], digits=3)} "
+              f"| {x['model'] or '-'} | {x['expertpager'] or '-'} ({fmt(x['expertpager_decode_tps'])}) | {fmt(x['decode_ratio'], digits=3)} "
               f"| {fmt(x['prefill_ratio'], digits=3)} |")
 
 
@@ -341,8 +346,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--llama-dir", type=Path, default=realgeom.DEFAULT_LLAMA_DIR,
                     help="llama.cpp tree with build/bin/llama-bench (and, to make the GGUF, llama-quantize)")
     ap.add_argument("--gguf", type=Path, help="use this GGUF instead of realgeom's")
-    ap.add_argument("--ep-model", type=Path,
-                    help="what expertpager runs (default: the GGUF), e.g. `expertpager repack GGUF OUT --compact`'s OUT")
+    ap.add_argument("--ep-models", default="",
+                    help="what expertpager runs, LABEL=PATH comma-separated (default: gguf=the GGUF), e.g. "
+                         "compact=OUT of `expertpager repack GGUF OUT --compact`, int4=OUT of `... --quantize int4`")
     ap.add_argument("--out-dir", type=Path, default=realgeom.DEFAULT_OUT_DIR, help="where realgeom's GGUF lives")
     ap.add_argument("--layers", type=int, default=12, help="realgeom layers")
     ap.add_argument("--skew", type=float, default=0.5, help="realgeom router skew")
@@ -353,7 +359,6 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=300, help="seconds per run")
     ap.add_argument("--programs", default="llama.cpp,expertpager", help="which programs to run")
     ap.add_argument("--llama-variants", default="default,no-repack", help=f"of {', '.join(LLAMA_VARIANTS)}")
-    ap.add_argument("--ep-uncapped-memory", default="12GB", help="expertpager's --max-memory when uncapped")
     ap.add_argument("--ep-src", type=Path, default=REPO_SRC,
                     help="expertpager source put first on PYTHONPATH for its runs (default: this checkout's src)")
     return ap.parse_args()
@@ -369,6 +374,7 @@ def main() -> None:
     size = gguf.stat().st_size
     variants = a.llama_variants.split(",")
     print(f"GGUF {gguf} ({size / 1e9:.2f} GB); llama-bench {bench}; expertpager from {a.ep_src}", file=sys.stderr)
+    models = dict(item.split("=", 1) for item in a.ep_models.split(",") if item) or {"gguf": str(gguf)}
     rows: list[Row] = []
     for prompt_len in (int(p) for p in a.prompt_len.split(",")):
         for cap in (c if c == "none" else c.rstrip("%") + "%" for c in a.caps.split(",")):
@@ -378,9 +384,10 @@ def main() -> None:
                     rows.append(run_llama(bench, gguf, v, prompt_len, a.tokens, a.threads, cap, limit, a.timeout))
                     print(f"  {json.dumps(asdict(rows[-1]))}", file=sys.stderr, flush=True)
             if "expertpager" in programs:
-                rows.append(run_expertpager(a.ep_model or gguf, prompt_len, a.tokens, a.threads, cap, limit, a.timeout,
-                                            a.ep_uncapped_memory, a.ep_src))
-                print(f"  {json.dumps(asdict(rows[-1]))}", file=sys.stderr, flush=True)
+                for label, model in models.items():
+                    rows.append(run_expertpager(label, Path(model), prompt_len, a.tokens, a.threads, cap, limit,
+                                                a.timeout, a.ep_src))
+                    print(f"  {json.dumps(asdict(rows[-1]))}", file=sys.stderr, flush=True)
     ratio_rows = ratios(rows)
     print_table(rows, ratio_rows)
     print(json.dumps({"bench": "vs_llamacpp", "gguf": str(gguf), "file_bytes": size, "threads": a.threads,

@@ -105,3 +105,29 @@ def test_quantize_float_checkpoint(tmp_path, quantize):
     assert stored.pager._decode is None  # stored quantized: page-in is the read alone
     assert isinstance(stored.lm_head, CompactLinear)
     assert_same(reference, logits_trace(stored, PROMPT, 4), f"repack --quantize {quantize}")
+
+
+def test_quantize_int4_requantizes_a_gguf(tmp_path):
+    """--quantize int4 on a quantized GGUF: its 8- and 16-bit matrices (Q8_0 output and embedding, F16/BF16/Q8_0
+    expert layers) go to int4 too, paged equals fully cached, the plan counts the smaller resident bytes, and a
+    store repacked that way loads the same tier by itself."""
+    from expertpager.runtime.load import resident_held
+    from expertpager.tools.repack import repack
+
+    path = write_tiny_gguf(tmp_path / "mixed.gguf", "llama", resident=("Q8_0", "Q4_0"))
+    everything = load(path, quantize="int4")
+    served = {p.dtype for m in everything.modules() if hasattr(m, "slices") for s in m.slices.values() for p in s.parts}
+    assert "U8" in served and "I8" not in served
+    assert everything.lm_head.weight.dtype == torch.uint8  # the Q8_0 output as int4 groups
+    layout = read_layout(path)
+    assert resident_held(layout, True) < resident_held(layout)
+    reference = logits_trace(everything, PROMPT, 4)
+    smallest = load(path, quantize="int4", cache=min_cache(path, "compact"), policy="lru")
+    assert_same(reference, logits_trace(smallest, PROMPT, 4), "--quantize int4 GGUF, smallest cache")
+    assert smallest.pager.stats_snapshot().evictions > 0
+    full = logits_trace(load(path, expert_cache="dequantized", dtype="float32"), PROMPT, 0)[0]
+    assert (reference[0].float().argmax(-1) == full.argmax(-1)).float().mean() >= 0.75
+    stored = repack(path, tmp_path / "q4", quantize="int4", progress=False)
+    assert_same(reference, logits_trace(load(stored, cache=min_cache(stored, "auto")), PROMPT, 4), "repack --quantize int4")
+    with pytest.raises(ExpertPagerError, match="stored with --quantize int4"):
+        load(stored, quantize="int8")

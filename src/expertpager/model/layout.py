@@ -76,6 +76,7 @@ class Layout:
     config: dict = field(default_factory=dict)
     source_format: str = ""  # repacked: the format its resident tensors and config keep ("gguf" or "safetensors")
     checksums: dict[SliceKey, str] = field(default_factory=dict)  # repacked: SHA-256 of each slice's bytes
+    quantize: str | None = None  # repacked: the `repack --quantize` its slices were stored with ("int4"/"int8")
 
     @property
     def weights_format(self) -> str:

@@ -57,7 +57,7 @@ def read_manifest(folder: Path) -> Layout:
         raise ExpertPagerError(f"{path}: no entry for expert slice {missing[0]} (layer, expert)")
     files = sorted({str(resident_file)} | {p.file for s in slices.values() for p in s.parts})
     return Layout("repacked", arch, str(folder), files, layers, moe_layers, num_experts, top_k, slices, resident, config,
-                  source_format=source, checksums=checksums)
+                  source_format=source, checksums=checksums, quantize=m.get("quantize"))
 
 
 def _slice(folder: Path, manifest: Path, entry: dict) -> tuple[ExpertSlice, str]:

@@ -7,6 +7,9 @@ weight-only CPU kernels multiply directly with bfloat16 activations, transcoded 
 - Every other type (Q5_*, Q6_K, Q8_0, F16, ...), and matrices whose shape the int4 kernel refuses (rows not a
   multiple of 16 or 32-weight groups), is requantized to int8 with one bfloat16 scale per output row
   (`_weight_int8pack_mm`, 1 byte a weight): the one lossy step of this tier beyond bfloat16.
+- With `requantize` (`--quantize int4`) every type goes to int4 groups of 32 (round to nearest over each group's
+  min..max): smaller and faster (a Q6_K lm_head multiplies about 1.9x faster as int4 than as int8 rows) at the
+  cost of 4-bit error where the file kept 5, 6 or 8 bits; bench/compact.py measures it.
 Paged output equals the same tier fully cached bit for bit; its difference from the float32 tier is measured in
 bench/compact.py and README.md."""
 
@@ -23,16 +26,15 @@ from .matrices import ALIGN, MATRICES
 
 GROUP = 32
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
-FLOATS = ("F32", "F16", "BF16")
 
 
 def int4_fields(raw: torch.Tensor, qtype: str, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Q4_0/Q4_1/Q4_K matrix of `rows` rows as (codes [rows, K] int32 in 0..15, scale [rows, K/32], zero
-    [rows, K/32]) in float32, such that weight = (code - 8) * scale + zero for each group of 32. A float matrix
-    (F32/F16/BF16, `--quantize int4`) is quantized to nearest over each group's min..max."""
-    size = BLOCKS[qtype][1]
-    if qtype in FLOATS:
-        w = dequantize(raw, qtype, (rows, raw.numel() // rows // size)).reshape(rows, -1, GROUP)
+    [rows, K/32]) in float32, such that weight = (code - 8) * scale + zero for each group of 32. Any other type
+    (`--quantize int4`) is dequantized and quantized to nearest over each group's min..max."""
+    weights, size = BLOCKS[qtype]
+    if qtype not in INT4_TYPES:
+        w = dequantize(raw, qtype, (rows, raw.numel() // rows // size * weights)).reshape(rows, -1, GROUP)
         low = w.amin(-1)
         scale = ((w.amax(-1) - low) / 15).clamp(min=1e-12)
         codes = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).int()
@@ -51,34 +53,34 @@ def int4_fields(raw: torch.Tensor, qtype: str, rows: int) -> tuple[torch.Tensor,
     return codes.reshape(rows, -1).int(), scale.reshape(rows, -1), (8 * scale - low).reshape(rows, -1)
 
 
-def _int4_ok(parts: list[TensorPart], floats: bool) -> bool:
+def _int4_ok(parts: list[TensorPart], requantize: bool) -> bool:
     rows = sum(p.shape[0] for p in parts)
-    return all(packs_as_int4(p.dtype, (rows, *p.shape[1:]), floats) for p in parts)
+    return all(packs_as_int4(p.dtype, (rows, *p.shape[1:]), requantize) for p in parts)
 
 
-def compact_parts(s: ExpertSlice, floats: bool = False) -> list[tuple[str, str, tuple[int, ...]]]:
-    """The served parts of a compact slice: (role, dtype, shape) of each packed matrix and its scales. `floats`:
-    float matrices go to int4 too (`--quantize int4`), else to int8 rows."""
+def compact_parts(s: ExpertSlice, requantize: bool = False) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The served parts of a compact slice: (role, dtype, shape) of each packed matrix and its scales.
+    `requantize`: matrices of every type go to int4 (`--quantize int4`), else only 4-bit types do."""
     roles = {p.role: p for p in s.parts}
     out = []
     for matrix, names in MATRICES.items():
         parts = [roles[r] for r in names if r in roles]
         rows, cols = sum(p.shape[0] for p in parts), parts[0].shape[-1]
-        if _int4_ok(parts, floats):
+        if _int4_ok(parts, requantize):
             out += [(matrix, "U8", (rows, cols // 2)), (matrix + "_sz", "BF16", (cols // GROUP, rows, 2))]
         else:
             out += [(matrix, "I8", (rows, cols)), (matrix + "_scale", "BF16", (rows,))]
     return out
 
 
-def compactor(slices: Mapping[SliceKey, ExpertSlice], floats: bool = False) -> tuple[Decoder, dict[SliceKey, ExpertSlice]]:
+def compactor(slices: Mapping[SliceKey, ExpertSlice], requantize: bool = False) -> tuple[Decoder, dict[SliceKey, ExpertSlice]]:
     """A pager decode step that transcodes each slice to the compact layout, and the slices as the cache serves them
     (parts at aligned slot offsets; dtype U8 packed int4, I8 int8 rows, BF16 scales). Slices with biases (gpt-oss)
     are not supported: they keep the dequantized tier."""
     served = {}
     for key, s in slices.items():
         parts, pos = [], 0
-        for role, dtype, shape in compact_parts(s, floats):
+        for role, dtype, shape in compact_parts(s, requantize):
             pos += -pos % ALIGN
             n = math.prod(shape) * (2 if dtype == "BF16" else 1)
             parts.append(TensorPart(role, "", pos, n, dtype, shape))
@@ -87,7 +89,7 @@ def compactor(slices: Mapping[SliceKey, ExpertSlice], floats: bool = False) -> t
 
     def decode(key: SliceKey, raw: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
         roles = {p.role: p for p in slices[key].parts}
-        for role, tensor in transcode(roles, {r: torch.from_numpy(v) for r, v in raw.items()}, floats).items():
+        for role, tensor in transcode(roles, {r: torch.from_numpy(v) for r, v in raw.items()}, requantize).items():
             target = torch.from_numpy(out[role])
             target.copy_(tensor.reshape(-1).view(torch.uint8))
 
@@ -95,12 +97,12 @@ def compactor(slices: Mapping[SliceKey, ExpertSlice], floats: bool = False) -> t
     return Decoder(views, decode), served
 
 
-def transcode(roles: Mapping[str, TensorPart], raw: Mapping[str, torch.Tensor], floats: bool = False) -> dict[str, torch.Tensor]:
-    """The compact tensors of one slice from its stored bytes (uint8 tensors by role); `floats` as in compact_parts."""
+def transcode(roles: Mapping[str, TensorPart], raw: Mapping[str, torch.Tensor], requantize: bool = False) -> dict[str, torch.Tensor]:
+    """The compact tensors of one slice from its stored bytes (uint8 tensors by role); `requantize` as in compact_parts."""
     out = {}
     for matrix, names in MATRICES.items():
         parts = [roles[r] for r in names if r in roles]
-        packed = pack_matrix([(raw[p.role], p.dtype, p.shape) for p in parts], _int4_ok(parts, floats))
+        packed = pack_matrix([(raw[p.role], p.dtype, p.shape) for p in parts], _int4_ok(parts, requantize))
         out.update({matrix + suffix: t for suffix, t in packed.items()})
     return out
 
@@ -135,15 +137,15 @@ def _pack(values, int4: bool) -> dict[str, torch.Tensor]:
     return {"": torch.round(values / scale[:, None]).clamp(-127, 127).to(torch.int8), "_scale": scale.to(torch.bfloat16)}
 
 
-def packs_as_int4(qtype: str, shape: tuple[int, ...], floats: bool = False) -> bool:
-    """Whether a [rows, cols] matrix of `qtype` goes to int4 (else int8 rows); `floats`: float types too."""
-    return (qtype in INT4_TYPES or floats and qtype in FLOATS) and shape[0] % 16 == 0 and shape[-1] % GROUP == 0
+def packs_as_int4(qtype: str, shape: tuple[int, ...], requantize: bool = False) -> bool:
+    """Whether a [rows, cols] matrix of `qtype` goes to int4 (else int8 rows); `requantize`: every type does."""
+    return (qtype in INT4_TYPES or requantize) and shape[0] % 16 == 0 and shape[-1] % GROUP == 0
 
 
-def compact_bytes(qtype: str, shape: tuple[int, ...]) -> int:
-    """Bytes a [rows, cols] matrix of `qtype` takes once packed."""
+def compact_bytes(qtype: str, shape: tuple[int, ...], requantize: bool = False) -> int:
+    """Bytes a [rows, cols] matrix of `qtype` takes once packed (`requantize` as in packs_as_int4)."""
     rows, cols = shape[0], math.prod(shape[1:])
-    if packs_as_int4(qtype, shape):
+    if packs_as_int4(qtype, shape, requantize):
         return rows * cols // 2 + cols // GROUP * rows * 4
     return rows * cols + rows * 2
 

@@ -11,12 +11,14 @@ from .paged_experts import DTYPE_NAMES
 
 
 class CompactLinear(nn.Module):
-    """y = x W^T (+ b) with W packed (int4 groups of 32 or int8 rows); W's bytes are buffers, so state_dict counts them."""
+    """y = x W^T (+ b) with W packed (int4 groups of 32 or int8 rows, see packs_as_int4 and its `requantize`); W's
+    bytes are buffers, so state_dict counts them."""
 
-    def __init__(self, raw: torch.Tensor, qtype: str, shape: tuple[int, int], bias: torch.Tensor | None = None):
+    def __init__(self, raw: torch.Tensor, qtype: str, shape: tuple[int, int], bias: torch.Tensor | None = None,
+                 requantize: bool = False):
         super().__init__()
         self.out_features, self.in_features = shape
-        for suffix, t in pack_matrix([(raw, qtype, shape)], packs_as_int4(qtype, shape)).items():
+        for suffix, t in pack_matrix([(raw, qtype, shape)], packs_as_int4(qtype, shape, requantize)).items():
             self.register_buffer("weight" + suffix, t)
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
 
@@ -30,10 +32,10 @@ class CompactLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, int4: bool = False) -> int:
     """Replace each float linear layer of `model` but routers and gates (names ending in gate or router, or under
-    one; fewer than 16 outputs) by a CompactLinear of int8 rows, one at a time (`--quantize` on a float checkpoint:
-    resident weights near a byte each). Returns the bytes the model's weights shrank by."""
+    one; fewer than 16 outputs) by a CompactLinear, one at a time (`--quantize` on a float checkpoint): int8 rows,
+    or with `int4` (`--quantize int4`) int4 groups where the shape allows. Returns the bytes the weights shrank by."""
     saved = 0
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module.out_features < 16 or any(
@@ -41,7 +43,7 @@ def pack_linears(model: nn.Module) -> int:
             continue
         w = module.weight.detach().contiguous()
         new = CompactLinear(w.view(torch.uint8).reshape(-1), DTYPE_NAMES[w.dtype], tuple(w.shape),
-                            None if module.bias is None else module.bias.detach())
+                            None if module.bias is None else module.bias.detach(), int4)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         saved += w.nbytes - sum(b.nbytes for b in new.buffers() if b is not None) + (0 if module.bias is None else module.bias.nbytes)

@@ -119,10 +119,11 @@ def check_slices(layout: Layout) -> None:
 
 
 def compact_resident(model: PreTrainedModel, layout: Layout, names: gguf.TensorNameMap,
-                     tensors: dict[str, ResidentTensor], advance: Callable[[], None] = lambda: None) -> set[str]:
+                     tensors: dict[str, ResidentTensor], advance: Callable[[], None] = lambda: None,
+                     requantize: bool = False) -> set[str]:
     """Replace each linear layer and token embedding whose GGUF tensor is quantized by its compact module
-    (CompactLinear, BlockEmbedding), one tensor read at a time; returns the GGUF tensors used. A tied embedding
-    (no output.weight) stays a plain one, as lm_head shares it."""
+    (CompactLinear, with `requantize` every type as int4; BlockEmbedding), one tensor read at a time; returns the
+    GGUF tensors used. A tied embedding (no output.weight) stays a plain one, as lm_head shares it."""
     arch, config = gguf_arch(layout), model.config
     heads = Heads.of(config.to_dict()) if arch.hybrid else None
     used = set()
@@ -146,7 +147,7 @@ def compact_resident(model: PreTrainedModel, layout: Layout, names: gguf.TensorN
             bias = read_tensor(tensors[bias_name]) if module.bias is not None and bias_name in tensors else None
             if (bias is None) != (module.bias is None):
                 continue
-            new = CompactLinear(raw.reshape(-1), t.dtype, t.shape, bias)
+            new = CompactLinear(raw.reshape(-1), t.dtype, t.shape, bias, requantize)
             used.add(bias_name)
         parent, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -156,11 +157,11 @@ def compact_resident(model: PreTrainedModel, layout: Layout, names: gguf.TensorN
 
 
 def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: torch.dtype | str = "auto",
-                     compact: bool = False, progress: bool = False) -> PreTrainedModel:
+                     compact: bool = False, progress: bool = False, requantize: bool = False) -> PreTrainedModel:
     """`model_class` (a paged transformers class) built from the GGUF's metadata with its resident weights loaded,
     one tensor at a time; with `compact`, quantized linear layers and the embedding stay compact (see
-    compact_resident) and their full-size parameters are never written (so never resident). `progress`: a bar
-    over the resident tensors on stderr."""
+    compact_resident, `requantize` there) and their full-size parameters are never written (so never resident).
+    `progress`: a bar over the resident tensors on stderr."""
     arch = gguf_arch(layout)
     check_slices(layout)
     kwargs = hf_config_dict(layout)
@@ -178,7 +179,7 @@ def build_gguf_model(layout: Layout, model_class: type[PreTrainedModel], dtype: 
         # parameters, and buffers llama.cpp stores (deepseek's e_score_correction_bias), not rope tables
         buffers = [(n, b) for n, b in model.named_buffers() if gguf_name(names, n)]
         if compact:
-            used |= compact_resident(model, layout, names, tensors, advance)
+            used |= compact_resident(model, layout, names, tensors, advance, requantize)
         for hf_name, param in [*model.named_parameters(), *buffers]:
             name = gguf_name(names, hf_name)
             if name in used:

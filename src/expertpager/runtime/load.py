@@ -134,7 +134,7 @@ def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype,
     if tier == "compact":
         if all(is_compact(s) for s in layout.slices.values()):
             return None, layout.slices
-        return compactor(layout.slices, floats=quantize == "int4")
+        return compactor(layout.slices, requantize=quantize == "int4")
     offsets = expert_offsets(layout, dtype)
     if gguf_transposed(layout) or stored != {DTYPE_NAMES.get(dtype)}:
         return dequantizer(layout.slices, dtype, offsets, transpose=gguf_transposed(layout))
@@ -146,24 +146,25 @@ def expert_tier(layout: Layout, expert_cache: str, dtype: torch.dtype,
 def plan_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
                 decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None,
                 extra_resident: int = 0, tier: str = "dequantized",
-                pieces: Mapping[tuple, ExpertSlice] | None = None) -> MemoryPlan:
+                pieces: Mapping[tuple, ExpertSlice] | None = None, requantize: bool = False) -> MemoryPlan:
     """The cache size from `cache` (bytes or 'NN%' of all expert bytes as stored) or from the whole-process
     `max_memory`; everything fits when neither is given. Slots are sized as the cache holds slices (decoded when
     `decoder` is given, plus its staging buffers for `threads` workers); GGUF resident tensors count at `dtype`;
     `extra_resident` bytes (a speculator's maps, resident LoRA) count as resident too; in the compact `tier` as the
-    compact resident modules hold them (resident_held). Adapter `pieces` share the cache: with no size given it
+    compact resident modules hold them (resident_held, `requantize` there). Adapter `pieces` share the cache: with no size given it
     holds them all too, and its minimum holds one layer's top-k of them beside the slices."""
     if max_memory is not None and cache is not None:
         raise ExpertPagerError("give either max_memory (the whole process) or cache (the expert cache), not both")
     plan = _plan_slices(layout, max_memory, cache, decoder, threads, dtype, extra_resident, tier,
-                        sum(slot_needs(pieces).values()) if pieces else 0)
+                        sum(slot_needs(pieces).values()) if pieces else 0, requantize)
     if not pieces:
         return plan
     return replace(plan, min_cache_bytes=plan.min_cache_bytes + layout.experts_per_token * max(slot_needs(pieces).values()))
 
 
 def _plan_slices(layout: Layout, max_memory: str | int | None, cache: str | int | None, decoder: Decoder | None,
-                 threads: int, dtype: torch.dtype | None, extra_resident: int, tier: str, piece_bytes: int) -> MemoryPlan:
+                 threads: int, dtype: torch.dtype | None, extra_resident: int, tier: str, piece_bytes: int,
+                 requantize: bool = False) -> MemoryPlan:
     raw = slot_needs(layout.slices)
     needs, staging = list(raw.values()), 0
     if decoder is not None and decoder.in_place:
@@ -183,7 +184,7 @@ def _plan_slices(layout: Layout, max_memory: str | int | None, cache: str | int 
     elif max_memory is not None:
         itemsize = dtype.itemsize if dtype is not None and layout.weights_format == "gguf" else None
         compact_resident = tier == "compact" and layout.weights_format == "gguf"
-        resident = resident_held(layout) if compact_resident else resident_in_memory(layout, itemsize)
+        resident = resident_held(layout, requantize) if compact_resident else resident_in_memory(layout, itemsize)
         plan = plan_memory(layout, parse_size(max_memory), slot, staging=staging, resident=resident + extra_resident,
                            overhead=COMPACT_RUNTIME_OVERHEAD if compact_resident else RUNTIME_OVERHEAD)
     else:
@@ -201,16 +202,17 @@ def memory_plan(layout: Layout, max_memory: str | int | None, expert_cache: str 
     return plan_budget(layout, max_memory, cache, decoder, dtype=dtype, tier=tier)
 
 
-def resident_held(layout: Layout) -> int:
-    """Bytes a quantized GGUF's resident tensors take in the compact tier: quantized matrices packed (the token
-    embedding as stored, unless lm_head shares it), everything else in bfloat16 (see gguf_model.compact_resident)."""
+def resident_held(layout: Layout, requantize: bool = False) -> int:
+    """Bytes a quantized GGUF's resident tensors take in the compact tier: quantized matrices packed (with
+    `requantize` all as int4), the token embedding as stored unless lm_head shares it, everything else in bfloat16
+    (see gguf_model.compact_resident)."""
     tied = not any(t.name == "output.weight" for t in layout.resident)
     total = 0
     for t in layout.resident:
         if t.dtype in FLOAT_TYPES or len(t.shape) != 2 or (tied and t.name == "token_embd.weight"):
             total += math.prod(t.shape) * 2
         else:
-            total += t.length if t.name == "token_embd.weight" else compact_bytes(t.dtype, t.shape)
+            total += t.length if t.name == "token_embd.weight" else compact_bytes(t.dtype, t.shape, requantize)
     return total
 
 
@@ -225,9 +227,9 @@ def min_cache_bytes(layout: Layout, expert_cache: str = DEFAULT_EXPERT_CACHE, dt
 def cache_budget(layout: Layout, max_memory: str | int | None, cache: str | int | None,
                  decoder: Decoder | None = None, threads: int = 4, dtype: torch.dtype | None = None,
                  extra_resident: int = 0, tier: str = "dequantized",
-                 pieces: Mapping[tuple, ExpertSlice] | None = None) -> MemoryPlan:
+                 pieces: Mapping[tuple, ExpertSlice] | None = None, requantize: bool = False) -> MemoryPlan:
     """plan_budget, with a clear error when the minimum cache does not fit."""
-    plan = plan_budget(layout, max_memory, cache, decoder, threads, dtype, extra_resident, tier, pieces)
+    plan = plan_budget(layout, max_memory, cache, decoder, threads, dtype, extra_resident, tier, pieces, requantize)
     staging = plan.staging_bytes
     if not plan.fits:
         need = plan.min_cache_bytes + plan.resident_bytes + plan.reserve_bytes if max_memory is not None else plan.min_cache_bytes
@@ -285,6 +287,9 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
         layout, remote = resolve_layout(str(model_ref), store, parse_size(disk) if disk is not None else None, offline)
     if remote is not None:
         remote.fetch_resident(progress)
+    if layout.quantize is not None and quantize not in (None, layout.quantize):
+        raise ExpertPagerError(f"{layout.path}: its slices were stored with --quantize {layout.quantize}, not {quantize}")
+    quantize = quantize or layout.quantize  # a store repacked with --quantize: resident linears as it was made for
     tier = resolve_tier(layout, expert_cache, quantize)
     infos = read_adapters(adapters or {}, layout.num_experts)
     if tier == "compact" and any(info.experts for info in infos.values()):
@@ -293,11 +298,14 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
     dtype = compute_dtype(layout, dtype, tier)
     decoder, served = expert_tier(layout, expert_cache, dtype, quantize)
     offsets = {} if tier == "compact" else expert_offsets(layout, dtype)  # compact slices are served as stored
-    plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, extra_resident, tier)  # fails fast
+    def budget(extra: int, pieces: Mapping[tuple, ExpertSlice] | None = None) -> MemoryPlan:
+        return cache_budget(layout, max_memory, cache, decoder, threads, dtype, extra, tier, pieces, quantize == "int4")
+
+    plan = budget(extra_resident)  # fails fast
     if layout.weights_format == "gguf":
         config = AutoConfig.for_model(gguf_arch(layout).config_type)
         model = build_gguf_model(layout, paged_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]), dtype,
-                                 compact=tier == "compact", progress=progress)
+                                 compact=tier == "compact", progress=progress, requantize=quantize == "int4")
     else:
         config = AutoConfig.from_pretrained(layout.path).get_text_config()  # a multimodal wrapper's text model
         base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
@@ -305,9 +313,9 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
             model = paged_class(base).from_pretrained(layout.path, config=config, dtype=dtype,
                                                        experts_implementation="grouped_mm")
     model.eval()
-    packed = pack_linears(model) if tier == "compact" and layout.weights_format != "gguf" else 0
+    packed = pack_linears(model, quantize == "int4") if tier == "compact" and layout.weights_format != "gguf" else 0
     if packed and max_memory is not None:  # the plan counted them as loaded (the peak); the cache gets what they freed
-        plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, extra_resident - packed, tier)
+        plan = budget(extra_resident - packed)
     chosen = make_predictors(predictors, profiles)
     unfitted = [p for p in chosen if isinstance(p, NextLayer) and p.speculator is None]
     model.speculator = None
@@ -317,8 +325,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
         for p in unfitted:
             p.speculator = model.speculator
         if model.speculator is not None and max_memory is not None:  # its maps stay in memory too
-            plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype,
-                                extra_resident + model.speculator.nbytes - packed, tier)
+            plan = budget(extra_resident + model.speculator.nbytes - packed)
     model.adapters = Adapters(infos)
     pieces = model.adapters.pieces
     if infos:
@@ -332,7 +339,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
                                          progress))
         model.adapters.select(adapter)
         extra = extra_resident - packed + model.adapters.resident_bytes + (model.speculator.nbytes if model.speculator is not None else 0)
-        plan = cache_budget(layout, max_memory, cache, decoder, threads, dtype, extra, tier, pieces)
+        plan = budget(extra, pieces)
     verify = checksum_verifier(layout.slices, layout.checksums) if layout.checksums else None
     pager = SliceCache({**layout.slices, **pieces}, plan.cache_bytes, policy=policy, io=io, threads=threads,
                        min_pinned=layout.experts_per_token, verify=verify, decode=decoder,
@@ -344,6 +351,7 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
             module.slices = {e: served[(module.layer, e)] for e in range(layout.num_experts)}
             module.offsets = {e: offsets[(module.layer, e)] for e in range(layout.num_experts)} if offsets else {}
             module.dtype = dtype
+            module.compact = tier == "compact"
             module.transpose = decoder is None and gguf_transposed(layout)  # a raw-tier slice, rebuilt per use
             per_expert = 2 if pieces else 1  # a slice and its adapter piece
             module.chunk = max(layout.experts_per_token, pager.num_slots // per_expert // (2 if prefetch else 1))

@@ -210,6 +210,8 @@ class PagedExperts(nn.Module):
         self.on_output = None  # optional callback(layer, expert_ids[R], weights[R], outputs[R, H]): every routed
         # (token, expert) row's unweighted expert output, rows sorted by expert (the pruning statistics read them)
         self.adapters = None  # set by the loader when it loads adapters: runtime.adapters.Adapters
+        self.compact = False  # set by the loader: slices in the compact tier (decode takes _decode_compact)
+        self._views: dict[SliceKey, tuple[int, dict[str, torch.Tensor]]] = {}  # see _compact_views
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, paged"
@@ -217,6 +219,8 @@ class PagedExperts(nn.Module):
     @torch.no_grad()  # inference only: the matmuls write into preallocated outputs, which autograd does not allow
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         num_tokens, num_top_k = top_k_index.shape
+        if num_tokens == 1 and self.compact and self.adapters is None and self.on_output is None:
+            return self._decode_compact(hidden_states, top_k_index[0], top_k_weights[0])
         expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))
         selected = hidden_states[perm // num_top_k].to(self.dtype)
         sample_weights_g = top_k_weights.reshape(-1)[perm]
@@ -259,6 +263,34 @@ class PagedExperts(nn.Module):
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.size(0))
         return weighted[inv_perm].view(num_tokens, num_top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _decode_compact(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token through its k experts in the compact tier (the decode step): each expert computed as soon as
+        its slice is ready, its output kept in its top-k position, then summed weighted in that order, so the result
+        does not depend on which slices were cached (fewer small ops than the grouped path, same numbers whether
+        paged or fully cached)."""
+        ids = index.tolist()
+        hit = sorted(set(ids))
+        ahead = self.on_route(self.layer, hit) if self.on_route is not None else []
+        xb = x.to(torch.bfloat16)
+        outs: list = [None] * len(ids)
+        with self.cache.pin_each(self._keys(hit), ahead) as stream:
+            for key, buf in stream:
+                w = self._compact_views(key, buf)
+                y = compact_project(self._template._apply_gate(compact_project(xb, w, "gate_up")), w, "down")
+                for i, e in enumerate(ids):
+                    if e == key[1]:
+                        outs[i] = y
+        return torch.mm(weights.to(torch.bfloat16).unsqueeze(0), torch.cat(outs)).to(x.dtype)
+
+    def _compact_views(self, key: SliceKey, buf) -> dict[str, torch.Tensor]:
+        """compact_tensors over a pinned slice, kept while the slice stays at the same address (a slot's tensors
+        are rebuilt only after it is loaded elsewhere)."""
+        address = next(iter(buf.views.values())).ctypes.data
+        known = self._views.get(key)
+        if known is None or known[0] != address:
+            known = self._views[key] = (address, compact_tensors(self.slices[key[1]], buf.views))
+        return known[1]
 
     def _keys(self, experts: list[int], piece: str | None = None) -> list[tuple]:
         """The slice keys of `experts`, then the adapter `piece`'s keys for them (slices claim slots first)."""

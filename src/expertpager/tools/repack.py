@@ -48,20 +48,20 @@ def _pad(f) -> None:
     f.write(b"\0" * (-f.tell() % ALIGN))
 
 
-def _compact_parts(s: ExpertSlice, floats: bool) -> list[tuple[dict, bytes]]:
+def _compact_parts(s: ExpertSlice, requantize: bool) -> list[tuple[dict, bytes]]:
     """The slice transcoded to the compact tier's layout (runtime/compact.py): (part entry, bytes) per part."""
     roles = {p.role: p for p in s.parts}
     tensors = transcode(roles, {p.role: torch.frombuffer(bytearray(_read(p.file, p.offset, p.length)), dtype=torch.uint8)
-                                for p in s.parts}, floats)
+                                for p in s.parts}, requantize)
     out = []
-    for role, dtype, shape in compact_parts(s, floats):
+    for role, dtype, shape in compact_parts(s, requantize):
         data = tensors[role].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         out.append(({"role": role, "dtype": dtype, "shape": list(shape)}, data))
     return out
 
 
 def _write_slices(layout: Layout, tmp: Path, mode: str, progress: bool, compact: bool = False,
-                  floats: bool = False) -> list[dict]:
+                  requantize: bool = False) -> list[dict]:
     entries, handles = [], {}
     try:
         with progress_bar(f"repack {Path(layout.path).name}", len(layout.slices), progress) as advance:
@@ -73,7 +73,7 @@ def _write_slices(layout: Layout, tmp: Path, mode: str, progress: bool, compact:
                     handles[name] = open(tmp / name, "wb")
                 f = handles[name]
                 start, parts, chunks = f.tell(), [], []
-                pieces = _compact_parts(s, floats) if compact else [
+                pieces = _compact_parts(s, requantize) if compact else [
                     ({"role": p.role, "dtype": p.dtype, "shape": list(p.shape)}, _read(p.file, p.offset, p.length))
                     for p in _ordered(s)]
                 for entry, data in pieces:
@@ -161,6 +161,7 @@ def repack(model_ref: str | Path, outdir: str | Path, files: str = "single", pro
         manifest = {"format": MANIFEST_FORMAT, "source": str(layout.path), "source_format": source,
                     "architecture": layout.architecture, "num_layers": layout.num_layers, "moe_layers": layout.moe_layers,
                     "num_experts": layout.num_experts, "experts_per_token": layout.experts_per_token, "files": files,
+                    "quantize": quantize,
                     "slices": _write_slices(layout, tmp, files, progress, compact, quantize == "int4")}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, out)
