@@ -300,9 +300,10 @@ def test_bad_remote_input_is_one_clear_error_naming_the_url(sources, server, tmp
         open_store("hf://org/tiny", tmp_path / "user-folder")
 
 
-def test_serve_a_remote_model_and_show_its_store_on_metrics(server, tmp_path):
-    """`expertpager serve hf://...` as a real process against the loopback Hub: the completion equals the local
-    resident model's greedy text, and /metrics carries the store's figures."""
+def test_serve_a_remote_model_and_show_its_store_on_metrics(server, tmp_path, monkeypatch):
+    """`expertpager serve hf://... --adapter` as a real process against the loopback Hub: the completion equals the
+    local resident model's greedy text, one naming the adapter the local paged model's with that adapter, and
+    /metrics carries the store's figures."""
     import openai
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -311,23 +312,32 @@ def test_serve_a_remote_model_and_show_its_store_on_metrics(server, tmp_path):
     from expertpager.runtime.generate import generate
     from serve_helpers import start_server, stop_server
 
+    monkeypatch.setenv("EXPERTPAGER_CACHE", str(tmp_path / "cache"))
     server.served.repos["org/demo"] = demo_model_path()
-    ids = AutoTokenizer.from_pretrained(demo_model_path())("def main(args):")["input_ids"]
+    code = demo_model_path() / "adapters" / "code"
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
+    ids = tokenizer("def main(args):")["input_ids"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the server runs
     try:
         want = generate(AutoModelForCausalLM.from_pretrained(demo_model_path()).eval(), ids, 6).tokens
+        adapted = load(demo_model_path(), cache="25%", adapters={"code": code}, adapter="code")
+        want_code = generate(adapted, ids, 6).tokens
+        adapted.pager.close()
+        assert want_code != want  # the adapter changes these tokens
     finally:
         torch.set_num_threads(threads)
     srv = start_server(tmp_path / "serve.log", "hf://org/demo", "--store", str(tmp_path / "store"), "--cache", "25%",
-                       "--disk", "100MB")
+                       "--disk", "100MB", "--adapter", f"code={code}")
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
         r = client.completions.create(model="hf://org/demo", prompt=ids, max_tokens=6, temperature=0)
+        r_code = client.completions.create(model="code", prompt=ids, max_tokens=6, temperature=0)
         m = srv.metrics()
     finally:
         stop_server(srv)
-    assert r.choices[0].text == AutoTokenizer.from_pretrained(demo_model_path()).decode(want, skip_special_tokens=True)
+    assert r.choices[0].text == tokenizer.decode(want, skip_special_tokens=True)
+    assert r_code.choices[0].text == tokenizer.decode(want_code, skip_special_tokens=True)
     assert m[("expertpager_remote_fetched_bytes_total", ())] > 0 and m[("expertpager_remote_requests_total", ())] > 0
     misses = m[("expertpager_store_lookups_total", (("result", "miss"),))]
     hits = m[("expertpager_store_lookups_total", (("result", "hit"),))]
@@ -392,3 +402,23 @@ def test_two_processes_share_one_store(sources, server, tmp_path):
     assert_slices_equal_local(store, layout, store.present())
     on_disk = sorted(p.name for p in (folder / "slices").iterdir())
     assert on_disk == sorted(store.slice_path(k).name for k in store.present()) and no_partials(folder)
+
+
+def test_remote_model_with_a_local_adapter_equals_the_local_model_with_it(server, tmp_path, monkeypatch):
+    """A remote model with a LoRA adapter: the slices come from the store, the adapter's pieces from their local
+    piece file; the logits equal the local model's with the same adapter, and so do `run --adapter`'s tokens."""
+    from expertpager.model.demo import demo_model_path
+
+    monkeypatch.setenv("EXPERTPAGER_CACHE", str(tmp_path / "cache"))
+    server.served.repos["org/demo"] = demo_model_path()
+    adapters = {"code": demo_model_path() / "adapters" / "code"}
+    expected = logits_trace(load(demo_model_path(), cache="25%", adapters=adapters, adapter="code"), PROMPT, STEPS)
+    model = load("hf://org/demo", cache="25%", store=tmp_path / "store", adapters=adapters, adapter="code")
+    assert_same(expected, logits_trace(model, PROMPT, STEPS), "remote model with an adapter")
+    assert model.store.stats().misses > 0 and model.pager.stats_snapshot().adapters.bytes_read > 0
+    model.pager.close()
+    run = ["--prompt-ids", "5,6,7,8", "-n", "4", "--cache", "25%", "--adapter", f"code={adapters['code']}", "--json"]
+    local = CliRunner().invoke(app, ["run", str(demo_model_path()), *run])
+    remote = CliRunner().invoke(app, ["run", "hf://org/demo", "--store", str(tmp_path / "store"), *run])
+    assert local.exit_code == 0 and remote.exit_code == 0, local.output + remote.output
+    assert json.loads(remote.stdout)["tokens"] == json.loads(local.stdout)["tokens"]

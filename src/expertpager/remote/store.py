@@ -180,7 +180,11 @@ class Store:
     @contextmanager
     def hold(self, key: SliceKey) -> Iterator[None]:
         """Make the slice's file present (fetching it if absent) and keep it from eviction, by this process or
-        another one sharing the store, while held."""
+        another one sharing the store, while held. Other keys the pager reads (an adapter's pieces, in their own
+        local file) pass through."""
+        if key not in self._sources:
+            yield
+            return
         with self._lock:
             self._held[key] = self._held.get(key, 0) + 1
         try:
