@@ -422,3 +422,67 @@ def test_remote_model_with_a_local_adapter_equals_the_local_model_with_it(server
     remote = CliRunner().invoke(app, ["run", "hf://org/demo", "--store", str(tmp_path / "store"), *run])
     assert local.exit_code == 0 and remote.exit_code == 0, local.output + remote.output
     assert json.loads(remote.stdout)["tokens"] == json.loads(local.stdout)["tokens"]
+
+
+def local_file(sources, kind: str, name: str):
+    return sources[{"hf": "hf", "hf-gguf": "gguf", "hf-sharded": "sharded", "hf-repacked": "repacked"}[kind]] / name
+
+
+@pytest.mark.parametrize("kind", ["hf", "hf-gguf", "hf-sharded", "hf-repacked", "gguf-resolve-url", "folder"])
+def test_pull_all_checks_each_whole_file_against_its_published_sha256(sources, server, tmp_path, kind):
+    """`pull --all` fetches every slice, then hashes each weight file from the store's pieces (the bytes no piece
+    holds, such as GGUF alignment padding, read by range) and records the match in store.json; a second pull neither
+    hashes nor fetches. The Hub's LFS ETag is the SHA-256; a plain URL publishes one only as X-Linked-Etag (a direct
+    resolve URL), so a plain folder's files are not checked."""
+    import hashlib
+
+    ref = {"hf": "hf://org/tiny", "hf-gguf": "hf://org/tiny-gguf:Q8_0", "hf-sharded": "hf://org/tiny-sharded",
+           "hf-repacked": "hf://org/tiny-packed", "gguf-resolve-url": f"{server.url}/org/tiny-gguf/resolve/main/tiny-Q8_0.gguf",
+           "folder": server.folder("tiny", sources["hf"])}[kind]
+    store = tmp_path / "s"
+    result = CliRunner().invoke(app, ["pull", ref, "--all", "--store", str(store), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["slices_in_store"] == info["num_slices"] == info["slices_fetched"]
+    weights = json.loads((store / "store.json").read_text())["model"]["weights"]
+    verified = json.loads((store / "store.json").read_text()).get("verified", {})
+    if kind == "folder":
+        assert info["files_verified"] == [] and verified == {}
+        return
+    local = sources["gguf"] if kind == "gguf-resolve-url" else local_file(sources, kind, "")
+    assert info["files_verified"] == weights and len(weights) >= (3 if kind.endswith(("sharded", "repacked")) else 1)
+    assert verified == {n: hashlib.sha256((local / n).read_bytes()).hexdigest() for n in weights}
+    since = len(server.served.requests)
+    again = CliRunner().invoke(app, ["pull", ref, "--all", "--store", str(store), "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout)["files_verified"] == []
+    assert not [p for m, p, r in server.served.requests[since:] if m == "GET" and r and p.endswith(tuple(weights))]
+
+
+def test_a_flipped_byte_in_a_slice_fails_its_files_sha256_and_drops_that_files_slices(sources, server, tmp_path):
+    """The server flips one byte of one slice on the wire (no per-slice hash to catch it in a plain checkpoint) while
+    publishing the true file's SHA-256: the whole-file check catches it, names the file's URL, drops that file's
+    slices only (the other shards are verified and kept), and a second pull fetches them again and verifies."""
+    ref, layout = "hf://org/tiny-sharded", read_layout(sources["sharded"])
+    store = open_store(ref, tmp_path / "s", client=fast_client())
+    store.fetch_resident()
+    key = sorted(layout.slices)[len(layout.slices) // 2]
+    files = {os.path.basename(min((p.file, p.offset) for p in layout.slices[key].parts)[0])}  # its first request's
+    server.served.faults.corrupt = 1
+    store.ensure(key)
+    store.fetch_many(store.layout.slices)
+    with pytest.raises(ExpertPagerError) as e:
+        store.verify_files()
+    message = str(e.value)
+    assert "\n" not in message and message.count("SHA-256 is") == 1
+    assert message.startswith(f"{server.url}/org/tiny-sharded/resolve/") and f"/{min(files)}: the file's SHA-256 is" in message
+    assert "but the server publishes" in message and "dropped" in message
+    kept = {k for k, s in layout.slices.items() if not files & {os.path.basename(p.file) for p in s.parts}}
+    assert set(store.present()) == kept and key not in store.present() and kept
+    meta = json.loads((tmp_path / "s" / "store.json").read_text())
+    assert meta["resident"] is False and not files & set(meta["verified"]) and meta["verified"]
+    assert sorted(p.name for p in (tmp_path / "s" / "slices").iterdir()) == sorted(store.slice_path(k).name for k in kept)
+    result = CliRunner().invoke(app, ["pull", ref, "--all", "--store", str(tmp_path / "s"), "--json"])
+    assert result.exit_code == 0, result.output
+    again = set(meta["model"]["weights"]) - set(meta["verified"])  # the bad file, and those sharing its dropped slices
+    assert files <= again and sorted(json.loads(result.stdout)["files_verified"]) == sorted(again)
+    assert_slices_equal_local(open_store(ref, tmp_path / "s", offline=True), layout, layout.slices)
