@@ -4,7 +4,8 @@ an added per-request latency), and of the same model from local disk.
 For each setting: the prediction (held-out code trace replayed at the cache size; store = the hottest slices its
 disk budget holds; compute = decode tokens/s measured with every slice in RAM, same prompt; disk and network
 bandwidth and latency measured by plan's own probes) and a measured decode run of the first tokens of the held-out
-code text. The remote run goes twice into one store: the first fills it (cold), the second is the measured steady
+code text. Network requests per token: plan counts one per slice fetched; the store coalesces neighbours (see
+remote/store.py), so the measured count is lower. The remote run goes twice into one store: the first fills it (cold), the second is the measured steady
 state that plan predicts. Run by hand:
 
     PYTHONPATH=src python bench/remote_plan.py [--latency-ms 20] [--cache 25%] [--disk-share 0.5] [--tokens 32]
@@ -80,16 +81,19 @@ def main() -> None:
                          "predicted_hit_rate": fit.hit_rate, "measured_hit_rate": run["hit_rate"],
                          "predicted_net_bytes_per_token": fit.network_bytes_per_token,
                          "measured_net_bytes_per_token": run.get("remote_bytes", 0) / tokens if is_remote else 0.0,
+                         "predicted_requests_per_token": fit.network_requests_per_token,
+                         "measured_requests_per_token": run.get("remote_requests", 0) / tokens if is_remote else 0.0,
                          "cold_tps": cold["decode_tokens_per_s"] if cold else None,
                          "store_hit_rate": run.get("store_hit_rate")})
     print(f"compute alone (every slice in RAM): {compute:.1f} decode tokens/s; cache {args.cache}, "
           f"latency {args.latency_ms:g} ms, store {args.disk_share:.0%} of expert bytes")
     print(f"{'setting':12} {'predicted':>10} {'measured':>10} {'ratio':>6} {'hit pred':>9} {'hit meas':>9} "
-          f"{'net B/tok pred':>15} {'net B/tok meas':>15} {'cold tok/s':>10}")
+          f"{'net B/tok pred':>15} {'net B/tok meas':>15} {'req/tok pred':>12} {'req/tok meas':>12} {'cold tok/s':>10}")
     for r in rows:
         print(f"{r['setting']:12} {r['predicted_tps']:10.2f} {r['measured_tps']:10.2f} {r['ratio']:6.2f} "
               f"{r['predicted_hit_rate']:9.1%} {r['measured_hit_rate']:9.1%} {r['predicted_net_bytes_per_token']:15.0f} "
-              f"{r['measured_net_bytes_per_token']:15.0f} {r['cold_tps'] or 0:10.2f}")
+              f"{r['measured_net_bytes_per_token']:15.0f} {r['predicted_requests_per_token']:12.2f} "
+              f"{r['measured_requests_per_token']:12.2f} {r['cold_tps'] or 0:10.2f}")
     print(json.dumps({"compute_tps": compute, "args": vars(args), "rows": rows}))
 
 

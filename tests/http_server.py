@@ -1,8 +1,10 @@
 """A real HTTP server on loopback for remote-checkpoint tests: static folders with byte ranges (ETag,
 Content-Range), the few Hugging Face Hub routes huggingface_hub's client uses (/api/models/{repo}[/revision/{rev}],
 /{repo}/resolve/{rev}/{file} with HEAD and Range, X-Repo-Commit, ETag, Content-Length), and faults injected on
-request: 5xx answers, bodies cut short, connections dropped, Range ignored, slow answers, flipped bytes."""
+request: 5xx answers, bodies cut short, connections dropped, Range ignored, slow answers, flipped bytes. As on the Hub,
+a resolve answer for an LFS file (weights) carries the content's SHA-256 as its ETag and X-Linked-Etag."""
 
+import functools
 import hashlib
 import json
 import re
@@ -13,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+LFS_SUFFIXES = (".safetensors", ".gguf", ".bin")
 RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?$")
 
@@ -86,6 +89,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(404, {}, b"not found", head, extra)
         st = file.stat()
         etag = '"' + hashlib.sha256(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()[:32] + '"'
+        if extra and file.suffix in LFS_SUFFIXES:
+            etag = extra["X-Linked-Etag"] = f'"{_sha256(file, st.st_size, st.st_mtime_ns)}"'
         headers = {"ETag": etag, "Accept-Ranges": "bytes", **extra}
         rng = re.match(r"bytes=(\d+)-(\d+)$", self.headers.get("Range") or "")
         if head:
@@ -129,6 +134,11 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not head:
             self.wfile.write(body)
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(file: Path, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 class _Quiet(ThreadingHTTPServer):

@@ -300,9 +300,10 @@ def test_bad_remote_input_is_one_clear_error_naming_the_url(sources, server, tmp
         open_store("hf://org/tiny", tmp_path / "user-folder")
 
 
-def test_serve_a_remote_model_and_show_its_store_on_metrics(server, tmp_path):
-    """`expertpager serve hf://...` as a real process against the loopback Hub: the completion equals the local
-    resident model's greedy text, and /metrics carries the store's figures."""
+def test_serve_a_remote_model_and_show_its_store_on_metrics(server, tmp_path, monkeypatch):
+    """`expertpager serve hf://... --adapter` as a real process against the loopback Hub: the completion equals the
+    local resident model's greedy text, one naming the adapter the local paged model's with that adapter, and
+    /metrics carries the store's figures."""
     import openai
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -311,23 +312,32 @@ def test_serve_a_remote_model_and_show_its_store_on_metrics(server, tmp_path):
     from expertpager.runtime.generate import generate
     from serve_helpers import start_server, stop_server
 
+    monkeypatch.setenv("EXPERTPAGER_CACHE", str(tmp_path / "cache"))
     server.served.repos["org/demo"] = demo_model_path()
-    ids = AutoTokenizer.from_pretrained(demo_model_path())("def main(args):")["input_ids"]
+    code = demo_model_path() / "adapters" / "code"
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
+    ids = tokenizer("def main(args):")["input_ids"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the server runs
     try:
         want = generate(AutoModelForCausalLM.from_pretrained(demo_model_path()).eval(), ids, 6).tokens
+        adapted = load(demo_model_path(), cache="25%", adapters={"code": code}, adapter="code")
+        want_code = generate(adapted, ids, 6).tokens
+        adapted.pager.close()
+        assert want_code != want  # the adapter changes these tokens
     finally:
         torch.set_num_threads(threads)
     srv = start_server(tmp_path / "serve.log", "hf://org/demo", "--store", str(tmp_path / "store"), "--cache", "25%",
-                       "--disk", "100MB")
+                       "--disk", "100MB", "--adapter", f"code={code}")
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
         r = client.completions.create(model="hf://org/demo", prompt=ids, max_tokens=6, temperature=0)
+        r_code = client.completions.create(model="code", prompt=ids, max_tokens=6, temperature=0)
         m = srv.metrics()
     finally:
         stop_server(srv)
-    assert r.choices[0].text == AutoTokenizer.from_pretrained(demo_model_path()).decode(want, skip_special_tokens=True)
+    assert r.choices[0].text == tokenizer.decode(want, skip_special_tokens=True)
+    assert r_code.choices[0].text == tokenizer.decode(want_code, skip_special_tokens=True)
     assert m[("expertpager_remote_fetched_bytes_total", ())] > 0 and m[("expertpager_remote_requests_total", ())] > 0
     misses = m[("expertpager_store_lookups_total", (("result", "miss"),))]
     hits = m[("expertpager_store_lookups_total", (("result", "hit"),))]
@@ -392,3 +402,87 @@ def test_two_processes_share_one_store(sources, server, tmp_path):
     assert_slices_equal_local(store, layout, store.present())
     on_disk = sorted(p.name for p in (folder / "slices").iterdir())
     assert on_disk == sorted(store.slice_path(k).name for k in store.present()) and no_partials(folder)
+
+
+def test_remote_model_with_a_local_adapter_equals_the_local_model_with_it(server, tmp_path, monkeypatch):
+    """A remote model with a LoRA adapter: the slices come from the store, the adapter's pieces from their local
+    piece file; the logits equal the local model's with the same adapter, and so do `run --adapter`'s tokens."""
+    from expertpager.model.demo import demo_model_path
+
+    monkeypatch.setenv("EXPERTPAGER_CACHE", str(tmp_path / "cache"))
+    server.served.repos["org/demo"] = demo_model_path()
+    adapters = {"code": demo_model_path() / "adapters" / "code"}
+    expected = logits_trace(load(demo_model_path(), cache="25%", adapters=adapters, adapter="code"), PROMPT, STEPS)
+    model = load("hf://org/demo", cache="25%", store=tmp_path / "store", adapters=adapters, adapter="code")
+    assert_same(expected, logits_trace(model, PROMPT, STEPS), "remote model with an adapter")
+    assert model.store.stats().misses > 0 and model.pager.stats_snapshot().adapters.bytes_read > 0
+    model.pager.close()
+    run = ["--prompt-ids", "5,6,7,8", "-n", "4", "--cache", "25%", "--adapter", f"code={adapters['code']}", "--json"]
+    local = CliRunner().invoke(app, ["run", str(demo_model_path()), *run])
+    remote = CliRunner().invoke(app, ["run", "hf://org/demo", "--store", str(tmp_path / "store"), *run])
+    assert local.exit_code == 0 and remote.exit_code == 0, local.output + remote.output
+    assert json.loads(remote.stdout)["tokens"] == json.loads(local.stdout)["tokens"]
+
+
+def local_file(sources, kind: str, name: str):
+    return sources[{"hf": "hf", "hf-gguf": "gguf", "hf-sharded": "sharded", "hf-repacked": "repacked"}[kind]] / name
+
+
+@pytest.mark.parametrize("kind", ["hf", "hf-gguf", "hf-sharded", "hf-repacked", "gguf-resolve-url", "folder"])
+def test_pull_all_checks_each_whole_file_against_its_published_sha256(sources, server, tmp_path, kind):
+    """`pull --all` fetches every slice, then hashes each weight file from the store's pieces (the bytes no piece
+    holds, such as GGUF alignment padding, read by range) and records the match in store.json; a second pull neither
+    hashes nor fetches. The Hub's LFS ETag is the SHA-256; a plain URL publishes one only as X-Linked-Etag (a direct
+    resolve URL), so a plain folder's files are not checked."""
+    import hashlib
+
+    ref = {"hf": "hf://org/tiny", "hf-gguf": "hf://org/tiny-gguf:Q8_0", "hf-sharded": "hf://org/tiny-sharded",
+           "hf-repacked": "hf://org/tiny-packed", "gguf-resolve-url": f"{server.url}/org/tiny-gguf/resolve/main/tiny-Q8_0.gguf",
+           "folder": server.folder("tiny", sources["hf"])}[kind]
+    store = tmp_path / "s"
+    result = CliRunner().invoke(app, ["pull", ref, "--all", "--store", str(store), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["slices_in_store"] == info["num_slices"] == info["slices_fetched"]
+    weights = json.loads((store / "store.json").read_text())["model"]["weights"]
+    verified = json.loads((store / "store.json").read_text()).get("verified", {})
+    if kind == "folder":
+        assert info["files_verified"] == [] and verified == {}
+        return
+    local = sources["gguf"] if kind == "gguf-resolve-url" else local_file(sources, kind, "")
+    assert info["files_verified"] == weights and len(weights) >= (3 if kind.endswith(("sharded", "repacked")) else 1)
+    assert verified == {n: hashlib.sha256((local / n).read_bytes()).hexdigest() for n in weights}
+    since = len(server.served.requests)
+    again = CliRunner().invoke(app, ["pull", ref, "--all", "--store", str(store), "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout)["files_verified"] == []
+    assert not [p for m, p, r in server.served.requests[since:] if m == "GET" and r and p.endswith(tuple(weights))]
+
+
+def test_a_flipped_byte_in_a_slice_fails_its_files_sha256_and_drops_that_files_slices(sources, server, tmp_path):
+    """The server flips one byte of one slice on the wire (no per-slice hash to catch it in a plain checkpoint) while
+    publishing the true file's SHA-256: the whole-file check catches it, names the file's URL, drops that file's
+    slices only (the other shards are verified and kept), and a second pull fetches them again and verifies."""
+    ref, layout = "hf://org/tiny-sharded", read_layout(sources["sharded"])
+    store = open_store(ref, tmp_path / "s", client=fast_client())
+    store.fetch_resident()
+    key = sorted(layout.slices)[len(layout.slices) // 2]
+    files = {os.path.basename(min((p.file, p.offset) for p in layout.slices[key].parts)[0])}  # its first request's
+    server.served.faults.corrupt = 1
+    store.ensure(key)
+    store.fetch_many(store.layout.slices)
+    with pytest.raises(ExpertPagerError) as e:
+        store.verify_files()
+    message = str(e.value)
+    assert "\n" not in message and message.count("SHA-256 is") == 1
+    assert message.startswith(f"{server.url}/org/tiny-sharded/resolve/") and f"/{min(files)}: the file's SHA-256 is" in message
+    assert "but the server publishes" in message and "dropped" in message
+    kept = {k for k, s in layout.slices.items() if not files & {os.path.basename(p.file) for p in s.parts}}
+    assert set(store.present()) == kept and key not in store.present() and kept
+    meta = json.loads((tmp_path / "s" / "store.json").read_text())
+    assert meta["resident"] is False and not files & set(meta["verified"]) and meta["verified"]
+    assert sorted(p.name for p in (tmp_path / "s" / "slices").iterdir()) == sorted(store.slice_path(k).name for k in kept)
+    result = CliRunner().invoke(app, ["pull", ref, "--all", "--store", str(tmp_path / "s"), "--json"])
+    assert result.exit_code == 0, result.output
+    again = set(meta["model"]["weights"]) - set(meta["verified"])  # the bad file, and those sharing its dropped slices
+    assert files <= again and sorted(json.loads(result.stdout)["files_verified"]) == sorted(again)
+    assert_slices_equal_local(open_store(ref, tmp_path / "s", offline=True), layout, layout.slices)

@@ -632,21 +632,29 @@ def _profile_for(path: str, layout):
 def pull(
     model: str = typer.Argument(..., help="A remote model: hf://org/name[@rev][:QUANT], https://.../model.gguf or a folder URL."),
     profile_path: str = typer.Option(None, "--profile", help="A domain profile (see `expertpager profile`): also fetch its hottest slices, as many as the disk budget holds."),
+    everything: bool = typer.Option(False, "--all", help="Fetch every expert slice (the disk budget must hold them all)."),
     disk: str = DISK,
     store: str = STORE,
     threads: int = typer.Option(4, "--threads", min=1, help="Parallel range requests."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Fetch a remote model's headers and resident tensors into its local store ahead of time, and with --profile the
-    hottest expert slices of a domain, so later runs (even offline) find them on disk."""
+    hottest expert slices of a domain (--all: every slice), so later runs (even offline) find them on disk. Each weight
+    file the store then holds whole is checked against the SHA-256 the server publishes (the Hub does for LFS files),
+    once; a file that disagrees loses its slices and the command fails."""
     from .progress import progress_bar
     from .remote import is_remote, open_store
 
     if not is_remote(model):
         raise ExpertPagerError(f"{model}: pull takes a remote model (hf://..., https://...); a local one is already on disk")
+    if everything and profile_path:
+        raise ExpertPagerError("give --all or --profile, not both")
     s = open_store(model, store, parse_size(disk) if disk else None, offline=False)
     s.fetch_resident(progress=not json_out)
-    keys = []
+    keys = sorted(s.layout.slices) if everything else []
+    if everything and s.disk is not None and (need := s.fixed_bytes + sum(map(s.slice_size, keys))) > s.disk:
+        raise ExpertPagerError(f"{s.folder}: the disk budget of {s.disk:,} bytes cannot hold every slice ({need:,} bytes "
+                               "with the resident tensors and headers); raise --disk or pull a --profile")
     if profile_path:
         p = _profile_for(profile_path, s.layout)
         largest = max(s.slice_size(k) for k in s.layout.slices)
@@ -660,14 +668,15 @@ def pull(
         keys.reverse()  # the hottest last, so they are the most recently used and the last the store evicts
     with progress_bar("fetching slices", len(keys), enabled=not json_out and bool(keys)) as advance:
         fetched = s.fetch_many(keys, threads, advance)
+    verified = s.verify_files(progress=not json_out)
     info = {"model": model, "store": str(s.folder), "slices_fetched": fetched, "slices_in_store": len(s.present()),
-            "num_slices": len(s.layout.slices), **s.stats().to_dict()}
+            "num_slices": len(s.layout.slices), "files_verified": verified, **s.stats().to_dict()}
     if json_out:
         print(json.dumps(info))
         return
     console.print(f"{model} -> {s.folder}: resident tensors and {info['slices_in_store']} of {info['num_slices']} slices "
                   f"({format_size(info['store_bytes'])} on disk); fetched {format_size(info['remote_bytes'])} "
-                  f"in {info['remote_seconds']:.1f} s")
+                  f"in {info['remote_seconds']:.1f} s" + (f"; SHA-256 checked: {', '.join(verified)}" if verified else ""))
 
 
 @app.command()

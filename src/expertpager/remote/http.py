@@ -98,8 +98,9 @@ class RangeClient:
         except httpx2.TransportError as e:
             raise _Retry(f"connection failed ({type(e).__name__}: {e})") from None
 
-    def size(self, url: str, headers: dict | None = None) -> tuple[int, str | None]:
-        """(size, ETag) of `url` from a HEAD request, retried like a read."""
+    def head(self, url: str, headers: dict | None = None) -> tuple[int, str | None, str | None]:
+        """(size, ETag, X-Linked-Etag) of `url` from a HEAD request, retried like a read. The Hub sends X-Linked-Etag
+        (an LFS file's SHA-256) on its resolve answer, which may redirect elsewhere: it is taken from any hop."""
         attempt = 0
         while True:
             try:
@@ -111,7 +112,8 @@ class RangeClient:
                     raise ExpertPagerError(_status_error(url, r.status_code))
                 if "content-length" not in r.headers:
                     raise ExpertPagerError(f"{url}: the server gives no Content-Length, so the file's size is unknown")
-                return int(r.headers["content-length"]), r.headers.get("etag")
+                linked = next((h.headers["x-linked-etag"] for h in (r, *reversed(r.history)) if "x-linked-etag" in h.headers), None)
+                return int(r.headers["content-length"]), r.headers.get("etag"), linked
             except (_Retry, httpx2.TransportError) as e:
                 attempt += 1
                 if attempt > self.retries:

@@ -23,12 +23,23 @@ def is_remote(ref: str) -> bool:
     return str(ref).startswith(("hf://", "http://", "https://"))
 
 
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     name: str  # path relative to the checkpoint folder
     url: str  # where range requests go (after the Hub's redirects)
     size: int
     etag: str | None = None
+    sha256: str | None = None  # the content's SHA-256 as the server publishes it (see published_sha256)
+
+
+def published_sha256(etag: str | None) -> str | None:
+    """The SHA-256 an ETag publishes, when it is 64 hex digits: the Hub's ETag of an LFS file (X-Linked-Etag). Only
+    that header counts for a plain URL: an arbitrary server's ETag may be 64 hex digits of something else."""
+    bare = (etag or "").removeprefix("W/").strip('"').lower()
+    return bare if SHA256.match(bare) else None
 
 
 @dataclass
@@ -94,12 +105,12 @@ def _list_folder_url(ref: str, client: RangeClient) -> RemoteModel:
 
 def _http_file(name: str, url: str, client: RangeClient, missing_ok: bool = False) -> RemoteFile | None:
     try:
-        size, etag = client.size(url)
+        size, etag, linked = client.head(url)
     except ExpertPagerError as e:
         if missing_ok and "HTTP 404" in str(e):
             return None
         raise
-    return RemoteFile(name, url, size, etag)
+    return RemoteFile(name, url, size, etag, published_sha256(linked))
 
 
 def _etags(files: dict[str, RemoteFile]) -> str:
@@ -170,7 +181,8 @@ def _list_hf(ref: str) -> RemoteModel:
             raise ExpertPagerError(f"{url}: cannot read the file's metadata ({e})") from None
         if meta.size is None:
             raise ExpertPagerError(f"{url}: the Hub gives no size for this file")
-        return RemoteFile(name, url, meta.size, None)  # the commit pins the content; redirects are followed per read
+        # the commit pins the content (redirects are followed per read); meta.etag is X-Linked-Etag or the ETag
+        return RemoteFile(name, url, meta.size, None, published_sha256(meta.etag))
 
     small = [n for n in names if "/" not in n and n.endswith(SMALL_SUFFIXES) or n in SIDECAR_FILES]
     files = {n: remote_file(n) for n in dict.fromkeys(small + weights)}

@@ -65,6 +65,19 @@ def skeleton_bytes(folder: Path, model: RemoteModel) -> int:
     return sum(os.stat(folder / n).st_blocks * 512 if n in model.weights else f.size for n, f in model.files.items())
 
 
+def header_end(path: Path) -> int:
+    """Where the header a skeleton weight file holds ends (what _write_header wrote): safetensors 8 + its JSON length,
+    GGUF its tensor data's offset, a repacked expert file 0."""
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as fh:
+            return 8 + struct.unpack("<Q", fh.read(8))[0]
+    if path.suffix == ".gguf":
+        import gguf
+
+        return int(gguf.GGUFReader(path, "r").data_offset)
+    return 0
+
+
 def _write_header(path: Path, f: RemoteFile, model: RemoteModel, client: RangeClient) -> None:
     if path.suffix == ".safetensors":
         head = _safetensors_header(f, model, client)

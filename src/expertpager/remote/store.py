@@ -4,7 +4,9 @@ absent, fetched by HTTP range, verified (its SHA-256 where the checkpoint is a r
 every byte of its length), written under a temporary name and renamed. Slices the pager announces together (a layer's
 misses, a prefetch) and `fetch_many` (pull) are fetched with their remote neighbours: byte ranges closer than
 http.COALESCE_GAP come in one range request (at most http.MAX_REQUEST bytes), split into their files. Over budget, the least recently used slices
-not being read are deleted (recency survives between runs as the files' mtimes). Offline, only what the store holds is used, and a missing slice is named."""
+not being read are deleted (recency survives between runs as the files' mtimes). Offline, only what the store holds is used, and a missing slice is named.
+Once the store holds every byte of a weight file whose SHA-256 the server publishes, `verify_files` checks the whole
+file against it, once (recorded in store.json); on a mismatch the file's slices are dropped, to be fetched again."""
 
 import json
 import os
@@ -25,7 +27,8 @@ from ..pager.reads import plan_reads
 from .http import COALESCE_GAP, MAX_REQUEST, RangeClient, coalesce
 from .lock import bump, delete_unless_held, generation, hold_shared, store_locked
 from .refs import RemoteFile, RemoteModel
-from .skeleton import fetch_ranges, pwrite_all, skeleton_bytes, write_atomic
+from .skeleton import fetch_ranges, header_end, pwrite_all, skeleton_bytes, write_atomic
+from .verify import Piece, file_sha256
 
 STORE_FILE = "store.json"
 SLICES = "slices"
@@ -180,7 +183,11 @@ class Store:
     @contextmanager
     def hold(self, key: SliceKey) -> Iterator[None]:
         """Make the slice's file present (fetching it if absent) and keep it from eviction, by this process or
-        another one sharing the store, while held."""
+        another one sharing the store, while held. Other keys the pager reads (an adapter's pieces, in their own
+        local file) pass through."""
+        if key not in self._sources:
+            yield
+            return
         with self._lock:
             self._held[key] = self._held.get(key, 0) + 1
         try:
@@ -439,6 +446,76 @@ class Store:
             got = sum(pool.map(lambda r: len(self.client.read(r[0].url, r[1], r[2] - r[1], self.model.headers)), runs))
         return got / (time.perf_counter() - t0), sorted(pings)[1]
 
+    # -- whole files -------------------------------------------------------------------------------------------
+
+    def verify_files(self, progress: bool = False) -> list[str]:
+        """Check each weight file the store holds every byte of (header, resident tensors, all its slices) against
+        the SHA-256 the server publishes for it, unless store.json records it verified; record each match. Returns
+        the files verified now. A mismatch drops the file's slices (and marks the resident tensors for fetching again,
+        since the bad bytes may be theirs); after every file is checked, an error names the files that disagreed."""
+        from ..progress import progress_bar
+
+        meta = self._meta()
+        if not meta.get("resident"):
+            return []
+        done, bad = [], []
+        for name in self.model.weights:
+            f = self.model.files[name]
+            pieces = self._pieces(name) if f.sha256 and meta.get("verified", {}).get(name) != f.sha256 else None
+            if pieces is None:
+                continue
+            with progress_bar(f"checking {name} against its SHA-256 ({f.size / 2**20:.0f} MiB)", max(f.size >> 20, 1),
+                              progress and f.size >= 64 << 20) as advance:
+                try:
+                    got = file_sha256(f.size, pieces, lambda at, n: self.client.read(f.url, at, n, self.model.headers,
+                                                                                     f.etag), lambda n: advance(n / 2**20))
+                except FileNotFoundError:  # another process evicted a slice meanwhile: not whole any more
+                    continue
+            if got != f.sha256:
+                bad.append(f"{f.url}: the file's SHA-256 is {got}, but the server publishes {f.sha256}; its "
+                           f"{self._drop_file(name)} expert slices were dropped from the store {self.folder} and will be "
+                           "fetched again, and the resident tensors at the next load")
+                continue
+            with store_locked(self.folder):
+                meta = self._meta()
+                self._write_meta({**meta, "verified": {**meta.get("verified", {}), name: got}})
+            done.append(name)
+        if bad:
+            raise ExpertPagerError("; ".join(bad))
+        return done
+
+    def _pieces(self, name: str) -> list[Piece] | None:
+        """Where the store holds weight file `name`'s bytes: its skeleton's header and resident tensors, its slices'
+        runs in their files; None when one of its slices is missing."""
+        path = self.folder / name
+        pieces = [(0, header_end(path), path, 0)]
+        pieces += [(t.offset, t.offset + t.length, path, t.offset) for t in self.remote_layout.resident
+                   if t.file == str(path)]
+        with self._lock:
+            for key, src in self._sources.items():
+                runs = [(start, end, self.slice_path(key), at) for f, start, end, at in src.runs if f.name == name]
+                if runs and key not in self._present:
+                    return None
+                pieces += runs
+        return pieces
+
+    def _drop_file(self, name: str) -> int:
+        """Delete the slices with bytes in weight file `name` (but those being read), forget the resident tensors
+        were fetched; returns how many slices went."""
+        keys = [k for k, src in self._sources.items() if any(f.name == name for f, *_ in src.runs)]
+        dropped = 0
+        with store_locked(self.folder) as fd:
+            with self._lock:
+                self._refresh(fd)
+                for key in keys:
+                    if key in self._present and key not in self._held and delete_unless_held(self.slice_path(key)):
+                        del self._present[key]
+                        self._ahead.discard(key)
+                        dropped += 1
+                self._generation = bump(fd)
+            self._write_meta({**self._meta(), "resident": False})
+        return dropped
+
     # -- resident tensors ----------------------------------------------------------------------------------------
 
     def fetch_resident(self, progress: bool = False) -> None:
@@ -460,7 +537,7 @@ class Store:
             for path, ranges in by_file.items():
                 name = Path(path).relative_to(self.folder).as_posix()
                 fetch_ranges(Path(path), self.model.files[name], ranges, self.model, self.client,
-                             lambda n: [advance() for _ in range(n >> 20)])
+                             lambda n: advance(n / 2**20))
         self._fixed = skeleton_bytes(self.folder, self.model)
         with store_locked(self.folder):
             self._write_meta({**self._meta(), "resident": True})
@@ -471,3 +548,4 @@ class Store:
     def _write_meta(self, meta: dict) -> None:
         raw = json.dumps(meta, indent=1).encode()
         write_atomic(self.folder / STORE_FILE, len(raw), lambda fd: pwrite_all(fd, raw, 0))
+
