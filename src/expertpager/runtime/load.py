@@ -27,6 +27,7 @@ from .adapters import Adapters, attach_resident, read_adapters
 from .gguf_model import FLOAT_TYPES, build_gguf_model, gguf_dtype
 from .compact_modules import pack_linears
 from .compact import compact_bytes, compactor, is_compact
+from .decode_attention import use_decode_attention
 from .paged_experts import DTYPE_NAMES, PagedExperts, dequantizer, realigner, resident_offsets, stored_offsets
 from .moe_layers import moe_layers
 from .predictors import NextLayer, Predictor, make_predictors
@@ -313,6 +314,8 @@ def load(model_ref: str | Path, max_memory: str | int | None = None, cache: str 
             model = paged_class(base).from_pretrained(layout.path, config=config, dtype=dtype,
                                                        experts_implementation="grouped_mm")
     model.eval()
+    if tier == "compact":
+        use_decode_attention(model)
     packed = pack_linears(model, quantize == "int4") if tier == "compact" and layout.weights_format != "gguf" else 0
     if packed and max_memory is not None:  # the plan counted them as loaded (the peak); the cache gets what they freed
         plan = budget(extra_resident - packed)
