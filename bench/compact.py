@@ -28,7 +28,8 @@ from expertpager.tools.export_gguf import export_gguf
 from expertpager.runner import load_tokenizer
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
-TIERS = {"float32": dict(expert_cache="dequantized", dtype="float32"), "compact": dict(expert_cache="compact")}
+TIERS = {"float32": dict(expert_cache="dequantized", dtype="float32"), "compact": dict(expert_cache="compact"),
+         "compact int4": dict(expert_cache="compact", quantize="int4")}
 
 
 @torch.inference_mode()
