@@ -131,3 +131,51 @@ def test_quantize_int4_requantizes_a_gguf(tmp_path):
     assert_same(reference, logits_trace(load(stored, cache=min_cache(stored, "auto")), PROMPT, 4), "repack --quantize int4")
     with pytest.raises(ExpertPagerError, match="stored with --quantize int4"):
         load(stored, quantize="int8")
+
+
+def test_block_kv_cache_holds_what_concatenation_holds(monkeypatch):
+    from transformers.cache_utils import DynamicLayer
+
+    from expertpager.runtime import decode_attention
+    from expertpager.runtime.decode_attention import BlockLayer
+
+    monkeypatch.setattr(decode_attention, "KV_BLOCK", 4)
+    g = torch.Generator().manual_seed(0)
+    block, plain = BlockLayer(), DynamicLayer()
+    for n in (3, 1, 1, 6, 1):  # across block boundaries, a chunk larger than a block
+        k, v = (torch.randn(1, 2, n, 8, generator=g).bfloat16() for _ in range(2))
+        got, want = block.update(k, v), plain.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)) and block.get_seq_length() == plain.get_seq_length()
+    assert block.keys._base.shape[-2] == 12  # grown in blocks: 4, then 8 (one copy), then 12
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_matches_sdpa(masked):
+    import torch.nn.functional as F
+
+    from expertpager.runtime.decode_attention import decode_attention
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 8, 1, 16, generator=g).bfloat16()
+    k, v = (torch.randn(2, 2, 37, 16, generator=g).bfloat16() for _ in range(2))
+    mask = torch.rand(2, 1, 1, 37, generator=g) > 0.3 if masked else None
+    out, _ = decode_attention(None, q, k, v, mask, scaling=0.25)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.25, enable_gqa=True)
+    assert out.shape == (2, 1, 8, 16)
+    assert torch.allclose(out.float(), want.transpose(1, 2), atol=0.02, rtol=0.02)
+
+
+def test_compact_generate_paged_equals_fully_cached(tmp_path, monkeypatch):
+    """generate's decode steps in the compact tier (its own expert step, attention and block KV cache) give the
+    same tokens paged at the smallest cache as fully cached, across KV blocks."""
+    from expertpager.runtime import decode_attention
+    from expertpager.runtime.generate import generate
+
+    monkeypatch.setattr(decode_attention, "KV_BLOCK", 4)
+    path = write_tiny_gguf(tmp_path / "mixed.gguf", "llama", resident=("Q8_0", "Q4_0"))
+    everything = load(path)
+    assert everything.config._attn_implementation == decode_attention.NAME
+    want = generate(everything, PROMPT, 12).tokens
+    smallest = load(path, cache=min_cache(path, "compact"), policy="lru")
+    assert generate(smallest, PROMPT, 12).tokens == want
+    assert smallest.pager.stats_snapshot().evictions > 0

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 from expertpager.errors import ExpertPagerError
+from expertpager.runtime.decode_attention import kv_cache
 from expertpager.runtime.generate import generate
 from expertpager.runtime.load import load, min_cache_bytes
 from tiny_models import CONFIGS, release_layout, save_tiny
@@ -25,8 +26,8 @@ def folders(tmp_path_factory):
 
 @torch.inference_mode()
 def logits_trace(model, prompt: list[int], steps: int = STEPS) -> list[torch.Tensor]:
-    """Prefill logits, then the logits of `steps` greedy decode steps with a KV cache."""
-    cache = DynamicCache(config=model.config)
+    """Prefill logits, then the logits of `steps` greedy decode steps with a KV cache (the one generate uses)."""
+    cache = kv_cache(model)
     ids = torch.tensor([prompt])
     out = []
     for _ in range(steps + 1):

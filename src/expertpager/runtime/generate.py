@@ -7,9 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from ..model.plan import PREFILL_CHUNK
+from .decode_attention import kv_cache
 
 
 @dataclass
@@ -55,7 +56,7 @@ def generate(model: PreTrainedModel, prompt: list[int], max_new_tokens: int, tem
     stops = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
     rng = torch.Generator().manual_seed(seed)
     result = Generation(prompt_tokens=len(prompt))
-    cache = DynamicCache(config=model.config)
+    cache = kv_cache(model)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     start = time.perf_counter()
     for i in range(0, len(prompt) - PREFILL_CHUNK, PREFILL_CHUNK):  # a long prompt in chunks: bounded activations
