@@ -60,7 +60,7 @@ class BlockLayer(DynamicLayer):
     def _grown(cached: torch.Tensor, states: torch.Tensor, old: int, new: int) -> torch.Tensor:
         """`cached` (a view of the first `old` positions of its buffer) followed by `states`, as a view of a buffer
         with room for them (a new one, KV_BLOCK-rounded, when the old one is full)."""
-        buffer = cached if old == 0 else cached._base if cached._base is not None else cached
+        buffer = cached if cached._base is None else cached._base
         if old == 0 or buffer.shape[-2] < new:
             room = -(-new // KV_BLOCK) * KV_BLOCK
             grown = states.new_empty(*states.shape[:-2], room, states.shape[-1])

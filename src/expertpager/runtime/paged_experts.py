@@ -273,15 +273,12 @@ class PagedExperts(nn.Module):
         hit = sorted(set(ids))
         ahead = self.on_route(self.layer, hit) if self.on_route is not None else []
         xb = x.to(torch.bfloat16)
-        outs: list = [None] * len(ids)
+        outs = {}
         with self.cache.pin_each(self._keys(hit), ahead) as stream:
             for key, buf in stream:
                 w = self._compact_views(key, buf)
-                y = compact_project(self._template._apply_gate(compact_project(xb, w, "gate_up")), w, "down")
-                for i, e in enumerate(ids):
-                    if e == key[1]:
-                        outs[i] = y
-        return torch.mm(weights.to(torch.bfloat16).unsqueeze(0), torch.cat(outs)).to(x.dtype)
+                outs[key[1]] = compact_project(self._template._apply_gate(compact_project(xb, w, "gate_up")), w, "down")
+        return torch.mm(weights.to(torch.bfloat16).unsqueeze(0), torch.cat([outs[e] for e in ids])).to(x.dtype)
 
     def _compact_views(self, key: SliceKey, buf) -> dict[str, torch.Tensor]:
         """compact_tensors over a pinned slice, kept while the slice stays at the same address (a slot's tensors
