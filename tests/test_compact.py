@@ -142,11 +142,16 @@ def test_block_kv_cache_holds_what_concatenation_holds(monkeypatch):
     monkeypatch.setattr(decode_attention, "KV_BLOCK", 4)
     g = torch.Generator().manual_seed(0)
     block, plain = BlockLayer(), DynamicLayer()
-    for n in (3, 1, 1, 6, 1):  # across block boundaries, a chunk larger than a block
-        k, v = (torch.randn(1, 2, n, 8, generator=g).bfloat16() for _ in range(2))
-        got, want = block.update(k, v), plain.update(k, v)
-        assert all(torch.equal(a, b) for a, b in zip(got, want)) and block.get_seq_length() == plain.get_seq_length()
-    assert block.keys._base.shape[-2] == 12  # grown in blocks: 4, then 8 (one copy), then 12
+    buffers = []
+    with torch.inference_mode():  # as generate runs it (no view tracking there)
+        for n in (3, 1, 1, 6):  # across block boundaries, a chunk larger than a block
+            k, v = (torch.randn(1, 2, n, 8, generator=g).bfloat16() for _ in range(2))
+            got, want = block.update(k, v), plain.update(k, v)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)) and block.get_seq_length() == plain.get_seq_length()
+            buffers.append(block.keys.whole)
+    assert [b.shape[-2] for b in buffers] == [4, 4, 8, 12]  # grown in blocks, each kept while it has room
+    assert buffers[0] is buffers[1]
+    assert not buffers[-1][..., 11:, :].any()  # zero past the 11 tokens
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -21,18 +21,22 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: query [B, Hq, Q, D], key [B, Hkv, T, D], value [B, Hkv, T, Dv] ->
-    ([B, Q, Hq, Dv], None). One query, no sinks or soft-capping: grouped matmuls (no copy of the cached keys and
-    values); else sdpa."""
+    ([B, Q, Hq, Dv], None). One query, no sinks or soft-capping: grouped matmuls; else sdpa.
+
+    Keys and values that are the first T positions of a BlockLayer's buffer are multiplied whole, the positions past
+    T masked out (their values are zeros): the matmuls then keep one shape for a whole block, where a shape that
+    grows by one every token makes oneDNN build a new bfloat16 kernel each time (about 1 ms), and copy the views."""
     batch, heads, q_len, dim = query.shape
     if q_len != 1 or kwargs.get("s_aux") is not None or kwargs.get("softcap") or heads % key.shape[1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    groups = key.shape[1]
+    groups, length = key.shape[1], key.shape[2]
+    key, value = getattr(key, "whole", key), getattr(value, "whole", value)
     q = query.reshape(batch, groups, heads // groups, dim)
-    # keys on the left: a block cache's keys are a view of a longer buffer, and torch copies it as a right operand
     scores = torch.matmul(key, q.transpose(-1, -2)).transpose(-1, -2).float() * (dim ** -0.5 if scaling is None else scaling)
+    scores[..., length:] = float("-inf")
     if attention_mask is not None:  # [B, 1, 1, T]: boolean (True = attend) or additive
-        mask = attention_mask[..., -key.shape[2]:]
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+        mask, seen = attention_mask[..., -length:], scores[..., :length]
+        seen.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else seen.add_(mask.float())
     out = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
     return out.reshape(batch, heads, 1, -1).transpose(1, 2), None
 
@@ -45,7 +49,8 @@ def use_decode_attention(model: PreTrainedModel) -> None:
 
 
 class BlockLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values are views of buffers grown KV_BLOCK tokens at a time."""
+    """A DynamicLayer whose keys and values are views of buffers grown KV_BLOCK tokens at a time; each view's
+    `whole` attribute is its buffer (`Tensor._base` cannot say: inference mode does not track views)."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
@@ -58,17 +63,19 @@ class BlockLayer(DynamicLayer):
 
     @staticmethod
     def _grown(cached: torch.Tensor, states: torch.Tensor, old: int, new: int) -> torch.Tensor:
-        """`cached` (a view of the first `old` positions of its buffer) followed by `states`, as a view of a buffer
-        with room for them (a new one, KV_BLOCK-rounded, when the old one is full)."""
-        buffer = cached if cached._base is None else cached._base
-        if old == 0 or buffer.shape[-2] < new:
+        """`cached` (the first `old` positions of its buffer) followed by `states`, as a view of a buffer with room
+        for them (a new one, KV_BLOCK-rounded and zero past the end, when there is none or it is full)."""
+        buffer = getattr(cached, "whole", None)
+        if buffer is None or buffer.shape[-2] < new:
             room = -(-new // KV_BLOCK) * KV_BLOCK
-            grown = states.new_empty(*states.shape[:-2], room, states.shape[-1])
+            grown = states.new_zeros(*states.shape[:-2], room, states.shape[-1])
             if old:
                 grown[..., :old, :] = cached
             buffer = grown
         buffer[..., old:new, :] = states
-        return buffer[..., :new, :]
+        view = buffer[..., :new, :]
+        view.whole = buffer
+        return view
 
 
 def kv_cache(model: PreTrainedModel) -> DynamicCache:
