@@ -14,7 +14,7 @@ Paged output equals the same tier fully cached bit for bit; its difference from 
 bench/compact.py and README.md."""
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ from .dequant import BLOCKS, QK_K, _f16, _k_scale_min, _nibbles, dequantize
 from .matrices import ALIGN, MATRICES
 
 GROUP = 32
+INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # the overloads themselves: no lookup per call
+INT8_MM = torch.ops.aten._weight_int8pack_mm.default
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
@@ -162,6 +164,13 @@ def is_compact(s: ExpertSlice) -> bool:
 
 def compact_project(x: torch.Tensor, w: Mapping[str, torch.Tensor], which: str) -> torch.Tensor:
     """x [rows, in] (bfloat16) through one compact matrix."""
+    return compact_matmul(w, which)(x)
+
+
+def compact_matmul(w: Mapping[str, torch.Tensor], which: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [rows, in] (bfloat16) -> x through the compact matrix `which` of `w`, its tensors looked up once."""
     if which + "_sz" in w:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[which], GROUP, w[which + "_sz"])
-    return torch.ops.aten._weight_int8pack_mm(x, w[which], w[which + "_scale"])
+        weight, scale_zero = w[which], w[which + "_sz"]
+        return lambda x: INT4_MM(x, weight, GROUP, scale_zero)
+    weight, scale = w[which], w[which + "_scale"]
+    return lambda x: INT8_MM(x, weight, scale)

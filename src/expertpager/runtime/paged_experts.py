@@ -8,7 +8,7 @@ is served at the address, modulo ALIGN, that the fully resident model holds it a
 
 import ctypes
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import numpy as np
@@ -19,7 +19,7 @@ from transformers.integrations.moe import _can_use_grouped_mm
 from ..errors import ExpertPagerError
 from ..model.layout import ExpertSlice, SliceKey
 from ..pager import Decoder, plan_reads
-from .compact import compact_project, compact_tensors, is_compact
+from .compact import compact_matmul, compact_project, compact_tensors, is_compact
 from .dequant import dequantize
 from .lora import merged_weight
 from .matrices import ALIGN, MATRICES, at_offset, matrix_of
@@ -211,7 +211,7 @@ class PagedExperts(nn.Module):
         # (token, expert) row's unweighted expert output, rows sorted by expert (the pruning statistics read them)
         self.adapters = None  # set by the loader when it loads adapters: runtime.adapters.Adapters
         self.compact = False  # set by the loader: slices in the compact tier (decode takes _decode_compact)
-        self._views: dict[SliceKey, tuple[int, dict[str, torch.Tensor]]] = {}  # see _compact_views
+        self._matmuls: dict[SliceKey, tuple] = {}  # see _compact_matmuls
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, paged"
@@ -272,22 +272,22 @@ class PagedExperts(nn.Module):
         ids = index.tolist()
         hit = sorted(set(ids))
         ahead = self.on_route(self.layer, hit) if self.on_route is not None else []
-        xb = x.to(torch.bfloat16)
+        xb, gate = x.to(torch.bfloat16), self._template._apply_gate
         outs = {}
         with self.cache.pin_each(self._keys(hit), ahead) as stream:
             for key, buf in stream:
-                w = self._compact_views(key, buf)
-                outs[key[1]] = compact_project(self._template._apply_gate(compact_project(xb, w, "gate_up")), w, "down")
+                gate_up, down = self._compact_matmuls(key, buf)
+                outs[key[1]] = down(gate(gate_up(xb)))
         return torch.mm(weights.to(torch.bfloat16).unsqueeze(0), torch.cat([outs[e] for e in ids])).to(x.dtype)
 
-    def _compact_views(self, key: SliceKey, buf) -> dict[str, torch.Tensor]:
-        """compact_tensors over a pinned slice, kept while the slice stays at the same address (a slot's tensors
-        are rebuilt only after it is loaded elsewhere)."""
-        address = next(iter(buf.views.values())).ctypes.data
-        known = self._views.get(key)
-        if known is None or known[0] != address:
-            known = self._views[key] = (address, compact_tensors(self.slices[key[1]], buf.views))
-        return known[1]
+    def _compact_matmuls(self, key: SliceKey, buf) -> tuple[Callable, Callable]:
+        """The gate_up and down matmuls over a pinned compact slice, kept while the slice stays loaded (a slot
+        reloaded gets a new buffer, so its matmuls are rebuilt)."""
+        known = self._matmuls.get(key)
+        if known is None or known[0] is not buf:
+            w = compact_tensors(self.slices[key[1]], buf.views)
+            known = self._matmuls[key] = (buf, compact_matmul(w, "gate_up"), compact_matmul(w, "down"))
+        return known[1], known[2]
 
     def _keys(self, experts: list[int], piece: str | None = None) -> list[tuple]:
         """The slice keys of `experts`, then the adapter `piece`'s keys for them (slices claim slots first)."""
