@@ -155,16 +155,21 @@ def test_block_kv_cache_holds_what_concatenation_holds(monkeypatch):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_decode_attention_matches_sdpa(masked):
+@pytest.mark.parametrize("block", [False, True])
+def test_decode_attention_matches_sdpa(masked, block):
+    """Near sdpa in float32, on plain keys and values and on a block cache's (multiplied whole, the rest masked)."""
     import torch.nn.functional as F
 
-    from expertpager.runtime.decode_attention import decode_attention
+    from expertpager.runtime.decode_attention import BlockLayer, decode_attention
 
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 8, 1, 16, generator=g).bfloat16()
     k, v = (torch.randn(2, 2, 37, 16, generator=g).bfloat16() for _ in range(2))
     mask = torch.rand(2, 1, 1, 37, generator=g) > 0.3 if masked else None
-    out, _ = decode_attention(None, q, k, v, mask, scaling=0.25)
+    with torch.inference_mode():
+        held = BlockLayer().update(k, v) if block else (k, v)
+        assert not block or held[0].whole.shape[-2] == 512
+        out, _ = decode_attention(None, q, *held, mask, scaling=0.25)
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.25, enable_gqa=True)
     assert out.shape == (2, 1, 8, 16)
     assert torch.allclose(out.float(), want.transpose(1, 2), atol=0.02, rtol=0.02)
