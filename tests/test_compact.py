@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from expertpager.errors import ExpertPagerError
-from expertpager.runtime.compact import int4_fields
+from expertpager.runtime.compact import int4_fields, int8_matmul
 from expertpager.runtime.compact_modules import CompactLinear
 from expertpager.runtime.load import load, resolve_tier
 from expertpager.model.read_layout import read_layout
@@ -41,6 +41,33 @@ def test_compact_paged_equals_fully_cached(tmp_path):
     assert smallest.pager.stats_snapshot().evictions > 0 and smallest.dtype == torch.bfloat16
     kinds = {type(m).__name__ for m in everything.modules()}
     assert {"CompactLinear", "BlockEmbedding"} <= kinds  # resident linears and the embedding stay compact
+
+
+@pytest.mark.parametrize("rows,out,inp", [(1, 2048, 768), (5, 100, 96), (1, 33, 40)])
+def test_int8_matmul_error_is_bounded_by_the_activation_step(rows, out, inp):
+    """int8 activations: each output is off from the float64 product by at most half an activation step times the
+    row's absolute weights (quantizing x), plus bfloat16 rounding of the result."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, inp, generator=g).to(torch.bfloat16)
+    codes = torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=g)
+    scale = (torch.rand(out, generator=g) / 100).to(torch.bfloat16)
+    w = codes.double() * scale.double()[:, None]
+    exact = x.double() @ w.T
+    y = int8_matmul(x, codes.T, scale)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, out)
+    step = x.double().abs().amax(-1, keepdim=True) / 127
+    bound = step / 2 * w.abs().sum(-1) + exact.abs() * 2 ** -8 + 1e-12
+    assert ((y.double() - exact).abs() <= bound * 1.001).all()
+    assert not torch.equal(y, (x.double() @ w.T).to(torch.bfloat16))  # x really is quantized: not a float product
+
+
+def test_lm_head_multiplies_int8_activations(tmp_path):
+    path = write_tiny_gguf(tmp_path / "mixed.gguf", "llama", resident=("Q8_0", "Q4_0"))
+    model = load(path)
+    head = model.get_output_embeddings()
+    assert isinstance(head, CompactLinear) and head.int8_activations and head.weight.dtype == torch.int8
+    others = [m for m in model.modules() if isinstance(m, CompactLinear) and m is not head]
+    assert others and not any(m.int8_activations for m in others)
 
 
 def test_compact_slots_cost_about_the_stored_bytes(tmp_path):

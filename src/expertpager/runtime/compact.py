@@ -27,6 +27,7 @@ from .matrices import ALIGN, MATRICES
 GROUP = 32
 INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # the overloads themselves: no lookup per call
 INT8_MM = torch.ops.aten._weight_int8pack_mm.default
+INT_MM = torch.ops.aten._int_mm.default
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
@@ -162,15 +163,32 @@ def is_compact(s: ExpertSlice) -> bool:
     return any(p.role.endswith(("_sz", "_scale")) for p in s.parts)
 
 
-def compact_project(x: torch.Tensor, w: Mapping[str, torch.Tensor], which: str) -> torch.Tensor:
-    """x [rows, in] (bfloat16) through one compact matrix."""
-    return compact_matmul(w, which)(x)
+def compact_project(x: torch.Tensor, w: Mapping[str, torch.Tensor], which: str, int8_activations: bool = False) -> torch.Tensor:
+    """x [rows, in] (bfloat16) through one compact matrix (`int8_activations` as in compact_matmul)."""
+    return compact_matmul(w, which, int8_activations)(x)
 
 
-def compact_matmul(w: Mapping[str, torch.Tensor], which: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x [rows, in] (bfloat16) -> x through the compact matrix `which` of `w`, its tensors looked up once."""
+def compact_matmul(w: Mapping[str, torch.Tensor], which: str,
+                   int8_activations: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [rows, in] (bfloat16) -> x through the compact matrix `which` of `w`, its tensors looked up once. An int8
+    matrix multiplies bfloat16 activations, or with `int8_activations` int8 ones (int8_matmul)."""
     if which + "_sz" in w:
         weight, scale_zero = w[which], w[which + "_sz"]
         return lambda x: INT4_MM(x, weight, GROUP, scale_zero)
     weight, scale = w[which], w[which + "_scale"]
+    if int8_activations:
+        weight_t = weight.T
+        return lambda x: int8_matmul(x, weight_t, scale)
     return lambda x: INT8_MM(x, weight, scale)
+
+
+def int8_matmul(x: torch.Tensor, weight_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] through int8 weight rows (`weight_t` [in, out], the transposed view of [out, in], and their
+    `scale` [out]) with x quantized to int8 as llama.cpp quantizes activations for its 8-bit dot products, but one
+    scale per row (its largest magnitude / 127): an int32 product (`torch._int_mm`, oneDNN's integer GEMM, VNNI
+    where the CPU has it), then both scales in float32. For a vocabulary-sized lm_head about 1.4x faster than
+    `_weight_int8pack_mm` (which widens every weight to float32); its error is measured in bench/compact.py."""
+    xf = x.float()
+    step = xf.abs().amax(-1, keepdim=True).clamp_(min=1e-30) / 127
+    codes = xf.div_(step).round_().to(torch.int8)
+    return torch.mul(INT_MM(codes, weight_t), step * scale).to(torch.bfloat16)

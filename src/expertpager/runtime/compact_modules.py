@@ -12,12 +12,14 @@ from .paged_experts import DTYPE_NAMES
 
 class CompactLinear(nn.Module):
     """y = x W^T (+ b) with W packed (int4 groups of 32 or int8 rows, see packs_as_int4 and its `requantize`); W's
-    bytes are buffers, so state_dict counts them."""
+    bytes are buffers, so state_dict counts them. `int8_activations` (the lm_head): int8 rows multiply x quantized to
+    int8 (compact.int8_matmul)."""
 
     def __init__(self, raw: torch.Tensor, qtype: str, shape: tuple[int, int], bias: torch.Tensor | None = None,
-                 requantize: bool = False):
+                 requantize: bool = False, int8_activations: bool = False):
         super().__init__()
         self.out_features, self.in_features = shape
+        self.int8_activations = int8_activations
         for suffix, t in pack_matrix([(raw, qtype, shape)], packs_as_int4(qtype, shape, requantize)).items():
             self.register_buffer("weight" + suffix, t)
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
@@ -26,7 +28,8 @@ class CompactLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = compact_project(x.reshape(-1, self.in_features).to(torch.bfloat16), self._buffers, "weight")
+        y = compact_project(x.reshape(-1, self.in_features).to(torch.bfloat16), self._buffers, "weight",
+                            self.int8_activations)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -36,14 +39,14 @@ def pack_linears(model: nn.Module, int4: bool = False) -> int:
     """Replace each float linear layer of `model` but routers and gates (names ending in gate or router, or under
     one; fewer than 16 outputs) by a CompactLinear, one at a time (`--quantize` on a float checkpoint): int8 rows,
     or with `int4` (`--quantize int4`) int4 groups where the shape allows. Returns the bytes the weights shrank by."""
-    saved = 0
+    saved, output = 0, model.get_output_embeddings()
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module.out_features < 16 or any(
                 part.endswith(("gate", "router")) for part in name.split(".")):
             continue
         w = module.weight.detach().contiguous()
         new = CompactLinear(w.view(torch.uint8).reshape(-1), DTYPE_NAMES[w.dtype], tuple(w.shape),
-                            None if module.bias is None else module.bias.detach(), int4)
+                            None if module.bias is None else module.bias.detach(), int4, module is output)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         saved += w.nbytes - sum(b.nbytes for b in new.buffers() if b is not None) + (0 if module.bias is None else module.bias.nbytes)

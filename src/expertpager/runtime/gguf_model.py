@@ -126,7 +126,7 @@ def compact_resident(model: PreTrainedModel, layout: Layout, names: gguf.TensorN
     GGUF tensors used. A tied embedding (no output.weight) stays a plain one, as lm_head shares it."""
     arch, config = gguf_arch(layout), model.config
     heads = Heads.of(config.to_dict()) if arch.hybrid else None
-    used = set()
+    used, output = set(), model.get_output_embeddings()
     for module_name, module in list(model.named_modules()):
         name = gguf_name(names, module_name + ".weight") if isinstance(module, (nn.Linear, nn.Embedding)) else None
         t = tensors.get(name or "")
@@ -147,7 +147,7 @@ def compact_resident(model: PreTrainedModel, layout: Layout, names: gguf.TensorN
             bias = read_tensor(tensors[bias_name]) if module.bias is not None and bias_name in tensors else None
             if (bias is None) != (module.bias is None):
                 continue
-            new = CompactLinear(raw.reshape(-1), t.dtype, t.shape, bias, requantize)
+            new = CompactLinear(raw.reshape(-1), t.dtype, t.shape, bias, requantize, module is output)
             used.add(bias_name)
         parent, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
