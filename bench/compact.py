@@ -2,7 +2,8 @@
 
     python bench/compact.py [--tokens 4096] [--gguf /var/tmp/ep-bench/MODEL.gguf --decode 16 --tiers compact]
 
-1. Error: the demo model exported to q4_0 and q8_0 GGUF; each tier scores the first `--tokens` tokens of the
+1. Error: the demo model exported to q4_0 and q8_0 GGUF (and to q8_0 with an untied copy of its lm_head, so the
+   file has an int8 output tensor); each tier scores the first `--tokens` tokens of the
    held-out code and prose texts in windows of 256 (loss and perplexity), and against the float32 tier of the same
    file: top-1 agreement of next-token predictions and mean KL(float32 || tier).
    The demo model's float checkpoint likewise: bfloat16 and `--quantize int8|int4` against float32.
@@ -15,12 +16,14 @@ Prints a table per part, then one JSON line.
 import argparse
 import json
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
 from expertpager.model.demo import demo_model_path
 from expertpager.runtime.load import load
@@ -58,16 +61,31 @@ def scored(logits: dict[str, torch.Tensor], targets: torch.Tensor, reference: st
     return rows
 
 
+def untied_copy(folder: Path, out: Path) -> Path:
+    """The demo model with its lm_head a separate copy of the embedding, so its GGUF export has an output.weight
+    (the demo ties them; a real model's Q6_K/Q8_0 output tensor goes to int8 rows with int8 activations)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    model.save_pretrained(out)
+    for f in folder.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+            shutil.copy(f, out / f.name)
+    return out
+
+
 def error_rows(tokens: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for qtype in ("q4_0", "q8_0"):
-            path = export_gguf(demo_model_path(), Path(tmp) / f"demo-{qtype}.gguf", qtype, progress=False)
+        untied = untied_copy(Path(demo_model_path()), Path(tmp) / "untied")
+        for label, folder, qtype in (("q4_0", demo_model_path(), "q4_0"), ("q8_0", demo_model_path(), "q8_0"),
+                                     ("q8_0 untied", untied, "q8_0")):
+            path = export_gguf(folder, Path(tmp) / f"demo-{label.replace(' ', '-')}.gguf", qtype, progress=False)
             tok = load_tokenizer(str(path))
             for domain in ("code", "prose"):
                 ids, targets = heldout(tok, domain, tokens)
                 logits = {name: torch.cat(window_logits(load(path, **opts), ids)) for name, opts in TIERS.items()}
-                rows += scored(logits, targets, "float32", file=qtype, domain=domain)
+                rows += scored(logits, targets, "float32", file=label, domain=domain)
     return rows
 
 

@@ -9,10 +9,12 @@ skewed routing, llama.cpp's converter and llama-quantize Q4_K_M, about 4.97 GB. 
 inside a fresh cgroup-v1 memory cgroup (/sys/fs/cgroup/memory/NAME, memory.limit_in_bytes = the cap; the child
 writes its own PID to cgroup.procs before it execs, so everything it does is charged there, page cache included):
 
-  - llama-bench -m FILE -p P -n N -t T -r 1 --no-warmup -o jsonl, once with llama.cpp's defaults (Q4_K weights
-    repacked into anonymous memory on this CPU) and once with `--repack 0 -lm mmap` (weights used in place from
-    the mmap, so the kernel can evict and re-read them: how it runs under a small cap). llama-bench times the prompt (pp) and then, on a fresh context,
-    N generated tokens from position 0 (tg); no warmup, so prefill runs cold, as expertpager's does.
+  - llama-bench -m FILE -p P -n N -d 0,P -t T -r 1 --no-warmup -o jsonl, once with llama.cpp's defaults (Q4_K
+    weights repacked into anonymous memory on this CPU) and once with `--repack 0 -lm mmap` (weights used in place
+    from the mmap, so the kernel can evict and re-read them: how it runs under a small cap). llama-bench times the
+    prompt (pp) from an empty context and N generated tokens (tg) after P tokens of context (`-d P`, filled
+    untimed), as expertpager decodes after its P-token prompt (tg from an empty context is kept in the row's
+    extra); no warmup, so prefill runs cold, as expertpager's does.
   - expertpager run MODEL --prompt-ids (P ids) -n N --max-memory CAP --json, with OMP_NUM_THREADS=T, for each of
     --ep-models (LABEL=PATH: the GGUF itself, or stores made from it by `expertpager repack GGUF OUT --compact` or
     `--quantize int4`); without a cap it runs `--resident` instead (every slice read before the prompt, as
@@ -194,23 +196,27 @@ def last_line(text: str, width: int = 400) -> str:
 
 
 def llama_bench_cmd(bench: Path, gguf: Path, prompt_len: int, tokens: int, threads: int, variant: str) -> list[str]:
-    """llama-bench: one prompt test and one generation test, one repetition each, no warmup, JSON lines out."""
-    return [str(bench), "-m", str(gguf), "-p", str(prompt_len), "-n", str(tokens), "-t", str(threads), "-r", "1",
-            "--no-warmup", "-o", "jsonl", *LLAMA_VARIANTS[variant]]
+    """llama-bench: prompt and generation tests at depths 0 and `prompt_len` (`-d`: that many tokens in the context
+    first, untimed), one repetition each, no warmup, JSON lines out."""
+    return [str(bench), "-m", str(gguf), "-p", str(prompt_len), "-n", str(tokens), "-d", f"0,{prompt_len}",
+            "-t", str(threads), "-r", "1", "--no-warmup", "-o", "jsonl", *LLAMA_VARIANTS[variant]]
 
 
-def parse_llama_bench(stdout: str) -> tuple[float | None, float | None]:
-    """(prompt tok/s, generation tok/s) from llama-bench -o jsonl; None for a test that did not finish."""
-    pp = tg = None
+def parse_llama_bench(stdout: str, depth: int) -> tuple[float | None, float | None, float | None]:
+    """(prompt tok/s from an empty context, generation tok/s after `depth` tokens of context, generation tok/s from
+    an empty context) from llama-bench -o jsonl; None for a test that did not finish. expertpager decodes after
+    its prompt, so the second is the one to compare with."""
+    pp = tg = tg0 = None
     for line in stdout.splitlines():
         if not line.startswith("{"):
             continue
         r = json.loads(line)
-        if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0:
+        at = r.get("n_depth", 0)
+        if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0 and at == 0:
             pp = r["avg_ts"]
         elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
-            tg = r["avg_ts"]
-    return pp, tg
+            tg, tg0 = (r["avg_ts"], tg0) if at == depth else (tg, r["avg_ts"])
+    return pp, tg, tg0
 
 
 def prompt_ids(n: int, vocab: int = 6000) -> str:
@@ -259,7 +265,8 @@ def run_llama(bench: Path, gguf: Path, variant: str, prompt_len: int, tokens: in
               " ".join(["-t", str(threads), "-r", "1", "--no-warmup", *LLAMA_VARIANTS[variant]]))
     m = run_in_cgroup(cmd, limit, timeout)
     fill(row, m)
-    row.prefill_tps, row.decode_tps = parse_llama_bench(m.stdout)
+    row.prefill_tps, row.decode_tps, from_empty = parse_llama_bench(m.stdout, prompt_len)
+    row.extra = {"decode_tps_empty_context": from_empty}
     row.new_tokens = tokens if row.decode_tps is not None else None
     return row
 

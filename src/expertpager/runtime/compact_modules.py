@@ -1,6 +1,6 @@
 """Resident weights of a quantized GGUF in the compact tier: linear layers held as the compact experts' int4/int8
 layouts, the token embedding as its GGUF blocks (each looked-up row dequantized), so resident RAM is about the
-file's resident bytes. bfloat16 activations."""
+file's resident bytes. bfloat16 activations (int8 ones into an int8 lm_head)."""
 
 import torch
 from torch import nn
