@@ -8,7 +8,7 @@ weight-only CPU kernels multiply directly with bfloat16 activations, transcoded 
   multiple of 16 or 32-weight groups), is requantized to int8 with one bfloat16 scale per output row
   (`_weight_int8pack_mm`, 1 byte a weight): the one lossy step of this tier beyond bfloat16. The lm_head (a Q6_K
   output tensor: a quarter of a decode step's weight bytes) multiplies its int8 rows with activations quantized to
-  int8 (`int8_matmul`, as llama.cpp's dot products do): 1.4x faster, at an error bench/compact.py measures.
+  int8 (`int8_matmul`, as llama.cpp's dot products do): 1.2-1.7x faster, at an error bench/compact.py measures.
 - With `requantize` (`--quantize int4`) every type goes to int4 groups of 32 (round to nearest over each group's
   min..max): smaller and faster (a Q6_K lm_head multiplies about 1.9x faster as int4 than as int8 rows) at the
   cost of 4-bit error where the file kept 5, 6 or 8 bits; bench/compact.py measures it.
@@ -188,7 +188,7 @@ def int8_matmul(x: torch.Tensor, weight_t: torch.Tensor, scale: torch.Tensor) ->
     """x [rows, in] through int8 weight rows (`weight_t` [in, out], the transposed view of [out, in], and their
     `scale` [out]) with x quantized to int8 as llama.cpp quantizes activations for its 8-bit dot products, but one
     scale per row (its largest magnitude / 127): an int32 product (`torch._int_mm`, oneDNN's integer GEMM, VNNI
-    where the CPU has it), then both scales in float32. For a vocabulary-sized lm_head about 1.4x faster than
+    where the CPU has it), then both scales in float32. For a vocabulary-sized lm_head 1.2-1.7x faster than
     `_weight_int8pack_mm` (which widens every weight to float32); its error is measured in bench/compact.py."""
     xf = x.float()
     step = xf.abs().amax(-1, keepdim=True).clamp_(min=1e-30) / 127
