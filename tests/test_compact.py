@@ -43,7 +43,7 @@ def test_compact_paged_equals_fully_cached(tmp_path):
     assert {"CompactLinear", "BlockEmbedding"} <= kinds  # resident linears and the embedding stay compact
 
 
-@pytest.mark.parametrize("rows,out,inp", [(1, 2048, 768), (5, 100, 96), (1, 33, 40)])
+@pytest.mark.parametrize("rows,out,inp", [(1, 2048, 768), (5, 100, 96), (1, 33, 40), (150, 64, 96)])
 def test_int8_matmul_error_is_bounded_by_the_activation_step(rows, out, inp):
     """int8 activations: each output is off from the float64 product by at most half an activation step times the
     row's absolute weights (quantizing x), plus bfloat16 rounding of the result."""
@@ -59,6 +59,8 @@ def test_int8_matmul_error_is_bounded_by_the_activation_step(rows, out, inp):
     bound = step / 2 * w.abs().sum(-1) + exact.abs() * 2 ** -8 + 1e-12
     assert ((y.double() - exact).abs() <= bound * 1.001).all()
     assert not torch.equal(y, (x.double() @ w.T).to(torch.bfloat16))  # x really is quantized: not a float product
+    for r in {0, rows // 2, rows - 1}:  # a row's result does not depend on the rows beside it (150 go in groups)
+        assert torch.equal(y[r:r + 1], int8_matmul(x[r:r + 1], codes.T, scale))
 
 
 def test_lm_head_multiplies_int8_activations(tmp_path):

@@ -30,6 +30,7 @@ GROUP = 32
 INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # the overloads themselves: no lookup per call
 INT8_MM = torch.ops.aten._weight_int8pack_mm.default
 INT_MM = torch.ops.aten._int_mm.default
+INT8_ROWS = 64  # rows of activations per int32 product in int8_matmul
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
@@ -189,7 +190,14 @@ def int8_matmul(x: torch.Tensor, weight_t: torch.Tensor, scale: torch.Tensor) ->
     `scale` [out]) with x quantized to int8 as llama.cpp quantizes activations for its 8-bit dot products, but one
     scale per row (its largest magnitude / 127): an int32 product (`torch._int_mm`, oneDNN's integer GEMM, VNNI
     where the CPU has it), then both scales in float32. For a vocabulary-sized lm_head 1.2-1.7x faster than
-    `_weight_int8pack_mm` (which widens every weight to float32); its error is measured in bench/compact.py."""
+    `_weight_int8pack_mm` (which widens every weight to float32); its error is measured in bench/compact.py.
+    More than INT8_ROWS rows go INT8_ROWS at a time (each row's result is independent of the others), so the int32
+    and float32 products of a vocabulary-sized output (10 bytes a logit) exist for one group of rows at a time."""
+    if x.shape[0] > INT8_ROWS:
+        out = torch.empty(x.shape[0], weight_t.shape[1], dtype=torch.bfloat16)
+        for r in range(0, x.shape[0], INT8_ROWS):
+            out[r:r + INT8_ROWS] = int8_matmul(x[r:r + INT8_ROWS], weight_t, scale)
+        return out
     xf = x.float()
     step = xf.abs().amax(-1, keepdim=True).clamp_(min=1e-30) / 127
     codes = xf.div_(step).round_().to(torch.int8)
