@@ -214,8 +214,10 @@ def parse_llama_bench(stdout: str, depth: int) -> tuple[float | None, float | No
         at = r.get("n_depth", 0)
         if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0 and at == 0:
             pp = r["avg_ts"]
+        elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0 and at == depth:
+            tg = r["avg_ts"]
         elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
-            tg, tg0 = (r["avg_ts"], tg0) if at == depth else (tg, r["avg_ts"])
+            tg0 = r["avg_ts"]
     return pp, tg, tg0
 
 

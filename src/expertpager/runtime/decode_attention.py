@@ -36,7 +36,10 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     scores[..., length:] = float("-inf")
     if attention_mask is not None:  # [B, 1, 1, T]: boolean (True = attend) or additive
         mask, seen = attention_mask[..., -length:], scores[..., :length]
-        seen.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else seen.add_(mask.float())
+        if mask.dtype == torch.bool:
+            seen.masked_fill_(~mask, float("-inf"))
+        else:
+            seen.add_(mask.float())
     out = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
     return out.reshape(batch, heads, 1, -1).transpose(1, 2), None
 
