@@ -23,6 +23,7 @@ import torch
 
 from ..model.layout import ExpertSlice, SliceKey, TensorPart
 from ..pager import Decoder
+from . import native
 from .dequant import BLOCKS, QK_K, _f16, _k_scale_min, _nibbles, dequantize
 from .matrices import ALIGN, MATRICES
 
@@ -173,12 +174,18 @@ def compact_project(x: torch.Tensor, w: Mapping[str, torch.Tensor], which: str, 
 
 def compact_matmul(w: Mapping[str, torch.Tensor], which: str,
                    int8_activations: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x [rows, in] (bfloat16) -> x through the compact matrix `which` of `w`, its tensors looked up once. An int8
-    matrix multiplies bfloat16 activations, or with `int8_activations` int8 ones (int8_matmul)."""
+    """x [rows, in] (bfloat16) -> x through the compact matrix `which` of `w`, its tensors looked up once: the
+    native kernels (int8 activations in groups of 32, runtime/native.py) where they run and take the shape, else
+    torch's weight-only kernels with bfloat16 activations, or for an int8 matrix with `int8_activations` int8 ones
+    (int8_matmul)."""
     if which + "_sz" in w:
         weight, scale_zero = w[which], w[which + "_sz"]
+        if native.q4_fits(weight):
+            return lambda x: native.q4_matmul(x, weight, scale_zero)
         return lambda x: INT4_MM(x, weight, GROUP, scale_zero)
     weight, scale = w[which], w[which + "_scale"]
+    if native.q8_fits(weight):
+        return lambda x: native.q8_matmul(x, weight, scale)
     if int8_activations:
         weight_t = weight.T
         return lambda x: int8_matmul(x, weight_t, scale)
