@@ -169,17 +169,18 @@ def test_block_kv_cache_holds_what_concatenation_holds(monkeypatch):
     from expertpager.runtime.decode_attention import BlockLayer
 
     monkeypatch.setattr(decode_attention, "KV_BLOCK", 4)
+    monkeypatch.setattr(decode_attention, "KV_FIRST", 2)
     g = torch.Generator().manual_seed(0)
     block, plain = BlockLayer(), DynamicLayer()
     buffers = []
     with torch.inference_mode():  # as generate runs it (no view tracking there)
-        for n in (3, 1, 1, 6):  # across block boundaries, a chunk larger than a block
+        for n in (1, 1, 1, 1, 1, 6):  # doubling, across block boundaries, a chunk larger than a block
             k, v = (torch.randn(1, 2, n, 8, generator=g).bfloat16() for _ in range(2))
             got, want = block.update(k, v), plain.update(k, v)
             assert all(torch.equal(a, b) for a, b in zip(got, want)) and block.get_seq_length() == plain.get_seq_length()
             buffers.append(block.keys.whole)
-    assert [b.shape[-2] for b in buffers] == [4, 4, 8, 12]  # grown in blocks, each kept while it has room
-    assert buffers[0] is buffers[1]
+    assert [b.shape[-2] for b in buffers] == [2, 2, 4, 4, 8, 12]  # doubled to a block, then grown in blocks
+    assert buffers[0] is buffers[1] and buffers[2] is buffers[3]  # each kept while it has room
     assert not buffers[-1][..., 11:, :].any()  # zero past the 11 tokens
 
 
@@ -197,7 +198,7 @@ def test_decode_attention_matches_sdpa(masked, block):
     mask = torch.rand(2, 1, 1, 37, generator=g) > 0.3 if masked else None
     with torch.inference_mode():
         held = BlockLayer().update(k, v) if block else (k, v)
-        assert not block or held[0].whole.shape[-2] == 512
+        assert not block or held[0].whole.shape[-2] == 64  # the first room past 37 tokens
         out, _ = decode_attention(None, q, *held, mask, scaling=0.25)
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.25, enable_gqa=True)
     assert out.shape == (2, 1, 8, 16)

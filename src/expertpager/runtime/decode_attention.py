@@ -3,7 +3,7 @@ slow path for a single bfloat16 query (measured here: 0.42 ms a layer at 100 cac
 0.10 and 0.23 ms for the two matmuls below), so a decode step multiplies each key-value head's group of query heads
 by its keys and values as transformers' eager attention does (products in the model's dtype, softmax in float32);
 a prompt (several queries) goes to transformers' sdpa as before. Its KV cache grows in blocks of KV_BLOCK tokens
-rather than by concatenation (DynamicCache copies every cached key and value on every token: 12 ms a token at
+(doubling up to there) rather than by concatenation (DynamicCache copies every cached key and value on every token: 12 ms a token at
 2,048 tokens of context here). Both paged and fully cached runs of the tier use both, so they stay equal bit for
 bit."""
 
@@ -14,7 +14,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "expertpager_decode"
-KV_BLOCK = 512  # tokens a cache layer grows by
+KV_BLOCK = 512  # tokens a cache layer grows by, once it holds that many
+KV_FIRST = 64  # the smallest room: rooms double from here up to KV_BLOCK
 
 
 def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -67,10 +68,16 @@ class BlockLayer(DynamicLayer):
     @staticmethod
     def _grown(cached: torch.Tensor, states: torch.Tensor, old: int, new: int) -> torch.Tensor:
         """`cached` (the first `old` positions of its buffer) followed by `states`, as a view of a buffer with room
-        for them (a new one, KV_BLOCK-rounded and zero past the end, when there is none or it is full)."""
+        for them (a new one, zero past the end, when there is none or it is full: room for a power of two of
+        tokens from KV_FIRST up to KV_BLOCK, then a multiple of KV_BLOCK, so a short context is not multiplied as
+        a whole block)."""
         buffer = getattr(cached, "whole", None)
         if buffer is None or buffer.shape[-2] < new:
-            room = -(-new // KV_BLOCK) * KV_BLOCK
+            room = min(KV_FIRST, KV_BLOCK)
+            while room < new and room < KV_BLOCK:
+                room *= 2
+            if room < new:
+                room = -(-new // KV_BLOCK) * KV_BLOCK
             grown = states.new_zeros(*states.shape[:-2], room, states.shape[-1])
             if old:
                 grown[..., :old, :] = cached

@@ -265,19 +265,21 @@ class PagedExperts(nn.Module):
         return weighted[inv_perm].view(num_tokens, num_top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
     def _decode_compact(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """One token through its k experts in the compact tier (the decode step): each expert computed as soon as
-        its slice is ready, its output kept in its top-k position, then summed weighted in that order, so the result
-        does not depend on which slices were cached (fewer small ops than the grouped path, same numbers whether
-        paged or fully cached)."""
+        """One token through its k experts in the compact tier (the decode step): each expert's gate_up computed as
+        soon as its slice is ready, then the gating once over the k rows (in expert order) and each down
+        projection, the outputs summed weighted in top-k order, so the result does not depend on which slices were
+        cached (fewer small ops than the grouped path, same numbers whether paged or fully cached)."""
         ids = index.tolist()
         hit = sorted(set(ids))
         ahead = self.on_route(self.layer, hit) if self.on_route is not None else []
-        xb, gate = x.to(torch.bfloat16), self._template._apply_gate
-        outs = {}
+        xb = x.to(torch.bfloat16)
+        projected, downs = {}, {}
         with self.cache.pin_each(self._keys(hit), ahead) as stream:
             for key, buf in stream:
-                gate_up, down = self._compact_matmuls(key, buf)
-                outs[key[1]] = down(gate(gate_up(xb)))
+                gate_up, downs[key[1]] = self._compact_matmuls(key, buf)
+                projected[key[1]] = gate_up(xb)
+            gated = self._template._apply_gate(torch.cat([projected[e] for e in hit]))
+            outs = {e: downs[e](gated[i:i + 1]) for i, e in enumerate(hit)}
         return torch.mm(weights.to(torch.bfloat16).unsqueeze(0), torch.cat([outs[e] for e in ids])).to(x.dtype)
 
     def _compact_matmuls(self, key: SliceKey, buf) -> tuple[Callable, Callable]:
