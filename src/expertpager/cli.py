@@ -102,6 +102,7 @@ STAT_ROWS = (("prefill tokens/s", "prefill_tokens_per_s", "{:.1f}"), ("decode to
              ("peak RSS", "peak_rss_bytes", "size"))
 REMOTE_ROWS = (("store hit rate", "store_hit_rate", "{:.1%}"), ("fetched remotely", "remote_bytes", "size"),
                ("remote fetch time", "remote_seconds", "{:.3f} s"), ("store on disk", "store_bytes", "size"))
+KERNEL_ROWS = (("compact kernels", "kernels", "{}"),)
 ADAPTER_ROWS = (("adapter piece hit rate", "adapter_hit_rate", "{:.1%}"), ("adapter bytes read", "adapter_bytes_read", "size"))
 
 
@@ -112,6 +113,7 @@ def _stats_table(columns: dict[str, dict]) -> Table:
         t.add_column(name, justify="right")
     rows = STAT_ROWS + (REMOTE_ROWS if any("remote_bytes" in c for c in columns.values()) else ())
     rows += ADAPTER_ROWS if any("adapter_hit_rate" in c for c in columns.values()) else ()
+    rows += KERNEL_ROWS if any("kernels" in c for c in columns.values()) else ()
     for label, key, fmt in rows:
         cells = [format_size(c.get(key, 0)) if fmt == "size" else fmt.format(c.get(key, 0)) for c in columns.values()]
         t.add_row(label, *cells)

@@ -8,6 +8,8 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .errors import ExpertPagerError
+from .runtime import native
+from .runtime.compact_modules import CompactLinear
 from .runtime.generate import Generation, generate
 from .runtime.load import load, load_all_cached, no_transformers_bars
 
@@ -113,6 +115,8 @@ def run_once(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int,
         "peak_rss_bytes": peak_rss_bytes(),
         "resident_bytes": resident_bytes,
     }
+    if any(getattr(m, "compact", False) or isinstance(m, CompactLinear) for m in model.modules()):
+        stats["kernels"] = native.describe()
     pager = getattr(model, "pager", None)
     if pager is not None:
         s = pager.stats_snapshot()

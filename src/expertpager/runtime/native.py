@@ -77,6 +77,14 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def describe() -> str:
+    """Which kernels the compact tier multiplies with here, for run's stats."""
+    if library() is not None:
+        return "native: int8 activations per 32, AVX-512 VNNI"
+    return "torch: bfloat16 activations (set EXPERTPAGER_NATIVE=1 and see runtime/native.py)" if os.environ.get(
+        "EXPERTPAGER_NATIVE") == "0" else "torch: bfloat16 activations (no AVX-512 VNNI/VBMI, C compiler or GNU OpenMP)"
+
+
 def q4_fits(weight: torch.Tensor) -> bool:
     """Whether an int4-packed weight [N, K/2] has a shape the native kernel takes (N a multiple of 64)."""
     return library() is not None and weight.is_contiguous() and weight.shape[0] % 64 == 0 and weight.shape[1] * 2 % GROUP == 0
