@@ -130,9 +130,9 @@ PROFILES = typer.Option(None, "--profiles", help="Folder of domain profiles for 
 SPECULATOR = typer.Option(None, "--speculator", help="Fitted maps for --predictor next-layer (see `expertpager calibrate`): a .safetensors file, or none for the plain routers; default: the model folder's speculator.safetensors when present.")
 IO = typer.Option("auto", "--io", help="Page-in I/O: auto, direct (O_DIRECT), buffered+dontneed, buffered.")
 EXPERT_CACHE = typer.Option("auto", "--expert-cache",
-                            help="What the cache holds for quantized slices: compact (int4/int8 at about the stored size, bfloat16 compute; the default for a quantized GGUF), dequantized (decoded once at page-in) or raw (decoded on every use). auto picks compact where it applies.")
+                            help="What the cache holds for quantized slices: compact (int4/int8 at about the stored size, multiplied by int8 activations with the native kernels where the CPU has AVX-512 VNNI, else by bfloat16 ones; the default for a quantized GGUF), dequantized (decoded once at page-in) or raw (decoded on every use). auto picks compact where it applies.")
 ADAPTER = typer.Option(None, "--adapter", help="A PEFT LoRA adapter folder, as PATH or NAME=PATH (name: the folder's); repeat for several. Its expert LoRA is paged through the same cache.")
-QUANTIZE = typer.Option(None, "--quantize", help="int4 or int8: hold a bf16/f16/f32 checkpoint's experts and resident linear layers in the compact tier (round to nearest per 32 weights, or per row), bfloat16 compute. On a quantized GGUF, int4 also requantizes its 5/6/8-bit matrices (Q6_K lm_head, Q6_K experts) to int4: smaller and faster, less exact.")
+QUANTIZE = typer.Option(None, "--quantize", help="int4 or int8: hold a bf16/f16/f32 checkpoint's experts and resident linear layers in the compact tier (round to nearest per 32 weights, or per row), computed as that tier computes. On a quantized GGUF, int4 also requantizes its 5/6/8-bit matrices (Q6_K lm_head, Q6_K experts) to int4: smaller and faster, less exact.")
 
 
 def _load_options(max_memory, cache, policy, prefetch, predictor, profiles, speculator, io, expert_cache, quantize,

@@ -1,12 +1,14 @@
 """The compact expert tier: quantized GGUF slices held at about their stored size, in the layouts that torch's
-weight-only CPU kernels multiply directly with bfloat16 activations, transcoded once at page-in.
+weight-only CPU kernels multiply directly with bfloat16 activations, transcoded once at page-in. Where the CPU has
+AVX-512 VNNI the same bytes are multiplied by the native kernels instead (runtime/native.py: activations quantized
+to int8 per 32 values, near memory bandwidth); the notes on speed below are about torch's kernels.
 
 - Q4_0, Q4_1 and Q4_K matrices become torch's packed int4 with one (scale, zero) pair per 32 weights: the same
   groups and 4-bit codes, so the only change is rounding each group's scale and zero to bfloat16
   (`_weight_int4pack_mm_for_cpu`, 0.625 bytes a weight against Q4_K's 0.5625).
 - Every other type (Q5_*, Q6_K, Q8_0, F16, ...), and matrices whose shape the int4 kernel refuses (rows not a
   multiple of 16 or 32-weight groups), is requantized to int8 with one bfloat16 scale per output row
-  (`_weight_int8pack_mm`, 1 byte a weight): the one lossy step of this tier beyond bfloat16. The lm_head (a Q6_K
+  (`_weight_int8pack_mm`, 1 byte a weight): the one lossy step for the weights beyond bfloat16 scales. The lm_head (a Q6_K
   output tensor: a quarter of a decode step's weight bytes) multiplies its int8 rows with activations quantized to
   int8 (`int8_matmul`, as llama.cpp's dot products do): 1.2-1.7x faster, at an error bench/compact.py measures.
 - With `requantize` (`--quantize int4`) every type goes to int4 groups of 32 (round to nearest over each group's

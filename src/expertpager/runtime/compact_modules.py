@@ -1,6 +1,7 @@
 """Resident weights of a quantized GGUF in the compact tier: linear layers held as the compact experts' int4/int8
 layouts, the token embedding as its GGUF blocks (each looked-up row dequantized), so resident RAM is about the
-file's resident bytes. bfloat16 activations (int8 ones into an int8 lm_head)."""
+file's resident bytes. Activations as compact.compact_matmul multiplies them (int8 per 32 with the native kernels;
+else bfloat16, int8 per row into an int8 lm_head)."""
 
 import torch
 from torch import nn
@@ -12,8 +13,8 @@ from .paged_experts import DTYPE_NAMES
 
 class CompactLinear(nn.Module):
     """y = x W^T (+ b) with W packed (int4 groups of 32 or int8 rows, see packs_as_int4 and its `requantize`); W's
-    bytes are buffers, so state_dict counts them. `int8_activations` (the lm_head): int8 rows multiply x quantized to
-    int8 (compact.int8_matmul)."""
+    bytes are buffers, so state_dict counts them. `int8_activations` (the lm_head): without the native kernels, int8
+    rows multiply x quantized to int8 per row (compact.int8_matmul)."""
 
     def __init__(self, raw: torch.Tensor, qtype: str, shape: tuple[int, int], bias: torch.Tensor | None = None,
                  requantize: bool = False, int8_activations: bool = False):

@@ -36,8 +36,8 @@ from .speculator import Speculator, find_speculator
 
 EXPERT_CACHES = ("auto", "compact", "dequantized", "raw")
 DEFAULT_EXPERT_CACHE = EXPERT_CACHES[0]
-"""What the cache holds for slices not stored in the compute dtype: compact (int4/int8 layouts torch's CPU kernels
-multiply directly, at about the stored size, bfloat16 compute; see runtime/compact.py), the dequantized tensors
+"""What the cache holds for slices not stored in the compute dtype: compact (int4/int8 layouts that the native kernels
+or torch's CPU kernels multiply directly, at about the stored size; see runtime/compact.py and runtime/native.py), the dequantized tensors
 (decoded once at page-in; a hit is a plain matmul) or the raw blocks (decoded on every use). auto: compact for a
 quantized GGUF whose experts carry no biases, else dequantized. See bench/README.md."""
 
