@@ -183,11 +183,11 @@ def compact_matmul(w: Mapping[str, torch.Tensor], which: str,
     if which + "_sz" in w:
         weight, scale_zero = w[which], w[which + "_sz"]
         if native.q4_fits(weight):
-            return lambda x: native.q4_matmul(x, weight, scale_zero)
+            return native.q4_kernel(weight, scale_zero)
         return lambda x: INT4_MM(x, weight, GROUP, scale_zero)
     weight, scale = w[which], w[which + "_scale"]
     if native.q8_fits(weight):
-        return lambda x: native.q8_matmul(x, weight, scale)
+        return native.q8_kernel(weight, scale)
     if int8_activations:
         weight_t = weight.T
         return lambda x: int8_matmul(x, weight_t, scale)

@@ -14,6 +14,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -98,19 +99,34 @@ def q8_fits(weight: torch.Tensor) -> bool:
 def q4_matmul(x: torch.Tensor, weight: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
     """x [M, K] (bfloat16) through int4-packed weights [N, K/2] and their scale_zero [K/32, N, 2], as
     `_weight_int4pack_mm_for_cpu(x, weight, 32, scale_zero)` with x quantized to int8 per 32."""
-    return _call(library().ep_q4_matmul, x, weight, scale_zero, weight.shape[0])
+    return q4_kernel(weight, scale_zero)(x)
 
 
 def q8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] (bfloat16) through int8 rows [N, K] with bfloat16 row scales [N], as
     `_weight_int8pack_mm(x, weight, scale)` with x quantized to int8 per 32."""
-    return _call(library().ep_q8_matmul, x, weight, scale, weight.shape[0])
+    return q8_kernel(weight, scale)(x)
 
 
-def _call(kernel, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
-    x = x.contiguous()
-    out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    if x.shape[0]:
-        kernel(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), scales.data_ptr(), n, out.data_ptr(),
-               torch.get_num_threads())
-    return out
+def q4_kernel(weight: torch.Tensor, scale_zero: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """q4_matmul with its weights and kernel bound once."""
+    return _bound(library().ep_q4_matmul, weight, scale_zero)
+
+
+def q8_kernel(weight: torch.Tensor, scale: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """q8_matmul with its weights bound once."""
+    return _bound(library().ep_q8_matmul, weight, scale)
+
+
+def _bound(kernel, weight: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    n = weight.shape[0]
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:  # holds weight and scales, so their memory outlives it
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+        if x.shape[0]:
+            kernel(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), scales.data_ptr(), n, out.data_ptr(),
+                   torch.get_num_threads())
+        return out
+
+    return matmul
