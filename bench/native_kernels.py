@@ -1,6 +1,6 @@
 """The compact tier's matrices at Qwen3-30B-A3B shapes, native kernels against torch's, cold weights.
 
-    PYTHONPATH=src python bench/native_kernels.py [--rounds 3]
+    PYTHONPATH=src python bench/native_kernels.py [--rounds 3]     (EXPERTPAGER_NATIVE=avx2: the AVX2 kernels)
 
 One token (a [1, K] bfloat16 row) through: an expert's gate_up (int4, 1,536 x 2,048), a Q6_K expert down projection
 held as int8 rows (2,048 x 768), and the lm_head as int8 rows (151,936 x 2,048). 64 distinct random matrices per
@@ -28,7 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    if native.library() is None:
+    if native.kernels() is None:
         raise SystemExit(f"native kernels unavailable here: {native.describe()}")
     g = torch.Generator().manual_seed(0)
     x2048, x768 = torch.randn(1, 2048, generator=g).bfloat16(), torch.randn(1, 768, generator=g).bfloat16()
@@ -51,7 +51,7 @@ def main() -> None:
                 us = per_call(f, calls)
                 rows.append({"matrix": name, "kernel": kernel, "us": round(us, 1), "gb_per_s": round(nbytes / us / 1e3, 1)})
                 print(f"{name:26} {kernel:7} {us:10.1f} us  {nbytes / us / 1e3:5.1f} GB/s", flush=True)
-    print(json.dumps({"threads": torch.get_num_threads(), "rows": rows}))
+    print(json.dumps({"threads": torch.get_num_threads(), "isa": native.isa(), "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,24 @@ import torch
 from expertpager.runtime import native
 from expertpager.runtime.compact import GROUP, INT4_MM, INT8_MM, compact_matmul
 
-needs_native = pytest.mark.skipif(native.library() is None, reason="no AVX-512 VNNI/VBMI, C compiler or GNU OpenMP here")
+needs_native = pytest.mark.skipif(native.kernels() is None, reason="no AVX2/AVX-512, C compiler or GNU OpenMP here")
+
+
+def use_isa(monkeypatch, name: str) -> None:
+    """Run the native kernels with instruction set `name` (skip where this CPU or machine cannot)."""
+    monkeypatch.setenv("EXPERTPAGER_NATIVE", name)
+    native.kernels.cache_clear()
+    if native.isa() != name or native.kernels() is None:
+        native.kernels.cache_clear()
+        pytest.skip(f"no {name} kernels here")
+
+
+@pytest.fixture(params=list(native.ISAS))
+def isa(request, monkeypatch):
+    use_isa(monkeypatch, request.param)
+    yield request.param
+    monkeypatch.undo()
+    native.kernels.cache_clear()
 
 
 def quantized(x: torch.Tensor) -> torch.Tensor:
@@ -37,9 +54,8 @@ def check(y: torch.Tensor, xq: torch.Tensor, w: torch.Tensor) -> None:
     assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + slack).all()
 
 
-@needs_native
 @pytest.mark.parametrize("rows,n,k", [(1, 64, 32), (1, 1536, 2048), (3, 2048, 768), (5, 128, 96)])
-def test_int4_kernel_is_the_product_of_int8_activations(rows, n, k):
+def test_int4_kernel_is_the_product_of_int8_activations(isa, rows, n, k):
     g = torch.Generator().manual_seed(n + k)
     packed, sz, w = int4_matrix(n, k, g)
     x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
@@ -50,9 +66,8 @@ def test_int4_kernel_is_the_product_of_int8_activations(rows, n, k):
         assert torch.equal(y[r:r + 1], native.q4_matmul(x[r:r + 1], packed, sz))
 
 
-@needs_native
 @pytest.mark.parametrize("rows,n,k", [(1, 2048, 768), (4, 100, 128), (2, 3, 64)])
-def test_int8_kernel_is_the_product_of_int8_activations(rows, n, k):
+def test_int8_kernel_is_the_product_of_int8_activations(isa, rows, n, k):
     g = torch.Generator().manual_seed(n + k)
     codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     scale = (torch.rand(n, generator=g) / 100).to(torch.bfloat16)
@@ -61,6 +76,21 @@ def test_int8_kernel_is_the_product_of_int8_activations(rows, n, k):
     y = native.q8_matmul(x, codes, scale)
     check(y, quantized(x), codes.double() * scale.double()[:, None])
     assert not torch.equal(y, INT8_MM(x, codes, scale))
+
+
+def test_instruction_sets_give_the_same_bits(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    packed, sz, _ = int4_matrix(192, 320, g)
+    codes = torch.randint(-127, 128, (70, 320), dtype=torch.int8, generator=g)
+    scale = (torch.rand(70, generator=g) / 100).to(torch.bfloat16)
+    x = (torch.randn(3, 320, generator=g) * torch.logspace(-3, 2, 320)).to(torch.bfloat16)  # groups of many sizes
+    x[1, 64:96] = 0
+    got = {}
+    for name in native.ISAS:
+        use_isa(monkeypatch, name)
+        got[name] = (native.q4_matmul(x, packed, sz), native.q8_matmul(x, codes, scale))
+    native.kernels.cache_clear()
+    assert all(torch.equal(a, b) for a, b in zip(got["avx512"], got["avx2"]))
 
 
 @needs_native
@@ -81,22 +111,22 @@ def test_results_do_not_depend_on_the_thread_count():
 @needs_native
 def test_kernels_are_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EXPERTPAGER_CACHE", str(tmp_path))
-    native.library.cache_clear()
+    native.kernels.cache_clear()
     try:
-        assert native.library() is not None
+        assert native.kernels() is not None
         assert [p.name.startswith("kernels-") for p in (tmp_path / "native").iterdir()] == [True]  # no temp left
     finally:
-        native.library.cache_clear()
+        native.kernels.cache_clear()
 
 
 def test_without_native_kernels_the_tier_uses_torch(monkeypatch):
     monkeypatch.setenv("EXPERTPAGER_NATIVE", "0")
-    native.library.cache_clear()
+    native.kernels.cache_clear()
     try:
         g = torch.Generator().manual_seed(1)
         packed, sz, _ = int4_matrix(64, 64, g)
         x = torch.randn(1, 64, generator=g).to(torch.bfloat16)
-        assert native.library() is None
+        assert native.kernels() is None and native.describe().startswith("torch")
         assert torch.equal(compact_matmul({"w": packed, "w_sz": sz}, "w")(x), INT4_MM(x, packed, GROUP, sz))
     finally:
-        native.library.cache_clear()
+        native.kernels.cache_clear()

@@ -1,13 +1,14 @@
 """The compact tier's native kernels (native_kernels.c): int4-packed and int8 matrices times bfloat16 activations
-quantized to int8 in groups of 32, with AVX-512 VNNI dot products. They read the same packed bytes as torch's
-weight-only kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`), which widen every weight to float32 and
-ran at 14-18 GB/s here where these run near the memory's 25-29 GB/s (measured in bench/README.md).
+quantized to int8 in groups of 32, with integer dot products (AVX-512 VNNI, or AVX2). They read the same packed
+bytes as torch's weight-only kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`), which widen every
+weight to float32 and ran at 8-21 GB/s here where these run near the memory's 25-29 GB/s (bench/README.md).
 
 Built on first use with the C compiler (`$CC`, else `cc`) into $EXPERTPAGER_CACHE/native (default
-~/.cache/expertpager/native), keyed by the source and the flags: about a second, once. Used only where the CPU has
-AVX-512 with VNNI and VBMI, the compiler works, and torch runs on GNU OpenMP (the kernels join its thread pool);
-`EXPERTPAGER_NATIVE=0` turns them off. Elsewhere the tier runs on torch's kernels with bfloat16 activations: other
-numbers, the same within a run, so paged output still equals fully resident output."""
+~/.cache/expertpager/native), keyed by the source and the flags: about a second, once. Used where the CPU has
+AVX-512 (F, BW, VL, VNNI, VBMI) or AVX2 with FMA, the compiler works, and torch runs on GNU OpenMP (the kernels join
+its thread pool); both instruction sets give the same bits. `EXPERTPAGER_NATIVE=0` turns them off, `=avx2` keeps
+to AVX2. Elsewhere the tier runs on torch's kernels with bfloat16 activations: other numbers, the same within a
+run, so paged output still equals fully resident output."""
 
 import ctypes
 import hashlib
@@ -21,17 +22,28 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
-FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"]
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"}  # as /proc/cpuinfo names them
+FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma"]  # the AVX-512 functions name their own target
+ISAS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"},  # as /proc/cpuinfo names them
+        "avx2": {"avx2", "fma"}}
 GROUP = 32
 
 
-def _cpu_ok() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return False
-    return CPU_FLAGS <= set(flags.split(":", 1)[1].split())
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def isa() -> str | None:
+    """The instruction set the kernels use here: avx512, avx2, or None (see the module's docstring)."""
+    wanted = os.environ.get("EXPERTPAGER_NATIVE", "1")
+    if wanted == "0":
+        return None
+    flags = _cpu_flags()
+    usable = [name for name, needs in ISAS.items() if needs <= flags and wanted in ("1", name)]
+    return usable[0] if usable else None
 
 
 def _gnu_openmp_loaded() -> bool:
@@ -63,9 +75,10 @@ def _build() -> Path:
 
 
 @cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None where they cannot run here (see the module's docstring)."""
-    if os.environ.get("EXPERTPAGER_NATIVE", "1") == "0" or not _cpu_ok() or not _gnu_openmp_loaded():
+def kernels() -> tuple[Callable, Callable] | None:
+    """The int4 and int8 kernels for this CPU's instruction set, or None where they cannot run here."""
+    chosen = isa()
+    if chosen is None or not _gnu_openmp_loaded():
         return None
     try:
         lib = ctypes.CDLL(str(_build()))
@@ -73,27 +86,29 @@ def library() -> ctypes.CDLL | None:
         return None
     args = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
             ctypes.c_void_p, ctypes.c_int]
-    for f in (lib.ep_q4_matmul, lib.ep_q8_matmul):
-        f.argtypes, f.restype = args, None
-    return lib
+    found = tuple(getattr(lib, f"ep_{kind}_matmul_{chosen}") for kind in ("q4", "q8"))
+    for f in found:
+        f.argtypes, f.restype = args, ctypes.c_int
+    return found
 
 
 def describe() -> str:
     """Which kernels the compact tier multiplies with here, for run's stats."""
-    if library() is not None:
-        return "native: int8 activations per 32, AVX-512 VNNI"
-    return "torch: bfloat16 activations (set EXPERTPAGER_NATIVE=1 and see runtime/native.py)" if os.environ.get(
-        "EXPERTPAGER_NATIVE") == "0" else "torch: bfloat16 activations (no AVX-512 VNNI/VBMI, C compiler or GNU OpenMP)"
+    if kernels() is not None:
+        return f"native ({isa()}): int8 activations per 32"
+    if os.environ.get("EXPERTPAGER_NATIVE") == "0":
+        return "torch: bfloat16 activations (EXPERTPAGER_NATIVE=0)"
+    return "torch: bfloat16 activations (no AVX2/AVX-512, C compiler or GNU OpenMP here)"
 
 
 def q4_fits(weight: torch.Tensor) -> bool:
     """Whether an int4-packed weight [N, K/2] has a shape the native kernel takes (N a multiple of 64)."""
-    return library() is not None and weight.is_contiguous() and weight.shape[0] % 64 == 0 and weight.shape[1] * 2 % GROUP == 0
+    return kernels() is not None and weight.is_contiguous() and weight.shape[0] % 64 == 0 and weight.shape[1] * 2 % GROUP == 0
 
 
 def q8_fits(weight: torch.Tensor) -> bool:
     """Whether int8 rows [N, K] have a shape the native kernel takes (K a multiple of 64)."""
-    return library() is not None and weight.is_contiguous() and weight.shape[1] % 64 == 0
+    return kernels() is not None and weight.is_contiguous() and weight.shape[1] % 64 == 0
 
 
 def q4_matmul(x: torch.Tensor, weight: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
@@ -110,12 +125,12 @@ def q8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
 
 def q4_kernel(weight: torch.Tensor, scale_zero: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """q4_matmul with its weights and kernel bound once."""
-    return _bound(library().ep_q4_matmul, weight, scale_zero)
+    return _bound(kernels()[0], weight, scale_zero)
 
 
 def q8_kernel(weight: torch.Tensor, scale: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """q8_matmul with its weights bound once."""
-    return _bound(library().ep_q8_matmul, weight, scale)
+    return _bound(kernels()[1], weight, scale)
 
 
 def _bound(kernel, weight: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -124,9 +139,9 @@ def _bound(kernel, weight: torch.Tensor, scales: torch.Tensor) -> Callable[[torc
     def matmul(x: torch.Tensor) -> torch.Tensor:  # holds weight and scales, so their memory outlives it
         x = x.contiguous()
         out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-        if x.shape[0]:
-            kernel(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), scales.data_ptr(), n, out.data_ptr(),
-                   torch.get_num_threads())
+        if x.shape[0] and not kernel(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), scales.data_ptr(), n,
+                                     out.data_ptr(), torch.get_num_threads()):
+            raise MemoryError(f"native kernel: no memory for {x.shape[0]} x {x.shape[1]} quantized activations")
         return out
 
     return matmul
