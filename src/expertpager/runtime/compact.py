@@ -1,6 +1,6 @@
 """The compact expert tier: quantized GGUF slices held at about their stored size, in the layouts that torch's
 weight-only CPU kernels multiply directly with bfloat16 activations, transcoded once at page-in. Where the CPU has
-AVX-512 VNNI the same bytes are multiplied by the native kernels instead (runtime/native.py: activations quantized
+AVX2 or AVX-512 the same bytes are multiplied by the native kernels instead (runtime/native.py: activations quantized
 to int8 per 32 values, near memory bandwidth); the notes on speed below are about torch's kernels.
 
 - Q4_0, Q4_1 and Q4_K matrices become torch's packed int4 with one (scale, zero) pair per 32 weights: the same
