@@ -76,3 +76,16 @@ def test_compare_on_a_gguf_runs_it_all_cached(tmp_path):
     assert resident["bytes_read"] == 0 and resident["hit_rate"] == 1.0 and resident["hits"] > 0
     assert paged["bytes_read"] > 0 and paged["hit_rate"] < 1.0
     assert resident["cache_bytes"] > paged["cache_bytes"]
+
+
+def test_stats_name_the_compact_tiers_kernels(tmp_path, tiny):
+    from tiny_gguf import write_tiny_gguf
+
+    from expertpager.runtime import native
+
+    path = write_tiny_gguf(tmp_path / "m.gguf", "llama")
+    result = invoke(path, "--prompt-ids", "5,6,7,8", "-n", "3", "--expert-cache", "compact", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["stats"]["kernels"] == native.describe()
+    plain = invoke(tiny, "--prompt-ids", "5,6,7,8", "-n", "3", "--json")  # a float checkpoint: no compact matrices
+    assert "kernels" not in json.loads(plain.stdout)["stats"]

@@ -93,12 +93,10 @@ def kernels() -> tuple[Callable, Callable] | None:
 
 
 def describe() -> str:
-    """Which kernels the compact tier multiplies with here, for run's stats."""
+    """Which kernels the compact tier multiplies with here, for run's stats (short: it is a table cell)."""
     if kernels() is not None:
-        return f"native ({isa()}): int8 activations per 32"
-    if os.environ.get("EXPERTPAGER_NATIVE") == "0":
-        return "torch: bfloat16 activations (EXPERTPAGER_NATIVE=0)"
-    return "torch: bfloat16 activations (no AVX2/AVX-512, C compiler or GNU OpenMP here)"
+        return f"native {isa()}, int8 activations"
+    return "torch (EXPERTPAGER_NATIVE=0)" if os.environ.get("EXPERTPAGER_NATIVE") == "0" else "torch (no native kernels)"
 
 
 def q4_fits(weight: torch.Tensor) -> bool:
