@@ -32,7 +32,8 @@ def main() -> None:
         raise SystemExit(f"native kernels unavailable here: {native.describe()}")
     g = torch.Generator().manual_seed(0)
     x2048, x768 = torch.randn(1, 2048, generator=g).bfloat16(), torch.randn(1, 768, generator=g).bfloat16()
-    gate_up = [(x2048, torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (1536, 2048), dtype=torch.int32, generator=g), 1),
+    pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    gate_up = [(x2048, pack(torch.randint(0, 16, (1536, 2048), dtype=torch.int32, generator=g), 1),
                 (torch.rand(2048 // GROUP, 1536, 2, generator=g) / 100).bfloat16()) for _ in range(64)]
     down = [(x768, torch.randint(-127, 128, (2048, 768), dtype=torch.int8, generator=g),
              (torch.rand(2048, generator=g) / 100).bfloat16()) for _ in range(64)]
@@ -49,7 +50,8 @@ def main() -> None:
         for _ in range(args.rounds):  # alternating, so both see the same machine
             for kernel, f in (("torch", torch_kernel), ("native", native_kernel)):
                 us = per_call(f, calls)
-                rows.append({"matrix": name, "kernel": kernel, "us": round(us, 1), "gb_per_s": round(nbytes / us / 1e3, 1)})
+                rows.append({"matrix": name, "kernel": kernel, "us": round(us, 1),
+                             "gb_per_s": round(nbytes / us / 1e3, 1)})
                 print(f"{name:26} {kernel:7} {us:10.1f} us  {nbytes / us / 1e3:5.1f} GB/s", flush=True)
     print(json.dumps({"threads": torch.get_num_threads(), "isa": native.isa(), "rows": rows}))
 

@@ -37,9 +37,9 @@ from .speculator import Speculator, find_speculator
 EXPERT_CACHES = ("auto", "compact", "dequantized", "raw")
 DEFAULT_EXPERT_CACHE = EXPERT_CACHES[0]
 """What the cache holds for slices not stored in the compute dtype: compact (int4/int8 layouts that the native kernels
-or torch's CPU kernels multiply directly, at about the stored size; see runtime/compact.py and runtime/native.py), the dequantized tensors
-(decoded once at page-in; a hit is a plain matmul) or the raw blocks (decoded on every use). auto: compact for a
-quantized GGUF whose experts carry no biases, else dequantized. See bench/README.md."""
+or torch's CPU kernels multiply directly, at about the stored size; see runtime/compact.py and runtime/native.py),
+the dequantized tensors (decoded once at page-in; a hit is a plain matmul) or the raw blocks (decoded on every
+use). auto: compact for a quantized GGUF whose experts carry no biases, else dequantized. See bench/README.md."""
 
 EXPERTS_MODULE = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts$")
 EXPERT_KEYS = [r"\.experts\."] + [r"\.experts\.(gate_up_proj|down_proj)", r"block_sparse_moe\.(input|output)_linear"]

@@ -101,7 +101,8 @@ def describe() -> str:
 
 def q4_fits(weight: torch.Tensor) -> bool:
     """Whether an int4-packed weight [N, K/2] has a shape the native kernel takes (N a multiple of 64)."""
-    return kernels() is not None and weight.is_contiguous() and weight.shape[0] % 64 == 0 and weight.shape[1] * 2 % GROUP == 0
+    n, half_k = weight.shape
+    return kernels() is not None and weight.is_contiguous() and n % 64 == 0 and half_k * 2 % GROUP == 0
 
 
 def q8_fits(weight: torch.Tensor) -> bool:
