@@ -130,3 +130,11 @@ def test_without_native_kernels_the_tier_uses_torch(monkeypatch):
         assert torch.equal(compact_matmul({"w": packed, "w_sz": sz}, "w")(x), INT4_MM(x, packed, GROUP, sz))
     finally:
         native.kernels.cache_clear()
+
+
+def test_a_misspelt_setting_is_an_error(monkeypatch):
+    from expertpager.errors import ExpertPagerError
+
+    monkeypatch.setenv("EXPERTPAGER_NATIVE", "avx-512")
+    with pytest.raises(ExpertPagerError, match="EXPERTPAGER_NATIVE='avx-512'"):
+        native.isa()

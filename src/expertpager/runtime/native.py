@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ExpertPagerError
+
 SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma"]  # the AVX-512 functions name their own target
 ISAS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"},  # as /proc/cpuinfo names them
@@ -39,6 +41,8 @@ def _cpu_flags() -> set[str]:
 def isa() -> str | None:
     """The instruction set the kernels use here: avx512, avx2, or None (see the module's docstring)."""
     wanted = os.environ.get("EXPERTPAGER_NATIVE", "1")
+    if wanted not in ("0", "1", *ISAS):
+        raise ExpertPagerError(f"EXPERTPAGER_NATIVE={wanted!r}: use 0 (off), 1 (the best this CPU has), {' or '.join(ISAS)}")
     if wanted == "0":
         return None
     flags = _cpu_flags()
@@ -136,7 +140,7 @@ def _bound(kernel, weight: torch.Tensor, scales: torch.Tensor) -> Callable[[torc
     n = weight.shape[0]
 
     def matmul(x: torch.Tensor) -> torch.Tensor:  # holds weight and scales, so their memory outlives it
-        x = x.contiguous()
+        x = x.to(torch.bfloat16).contiguous()  # no copy when it already is
         out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
         if x.shape[0] and not kernel(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), scales.data_ptr(), n,
                                      out.data_ptr(), torch.get_num_threads()):
