@@ -10,7 +10,8 @@ to int8 per 32 values, near memory bandwidth); the notes on speed below are abou
   multiple of 16 or 32-weight groups), is requantized to int8 with one bfloat16 scale per output row
   (`_weight_int8pack_mm`, 1 byte a weight): the one lossy step for the weights beyond bfloat16 scales. The lm_head
   (a Q6_K output tensor: a quarter of a decode step's weight bytes) multiplies its int8 rows with activations
-  quantized to int8 (`int8_matmul`, as llama.cpp's dot products do): 1.2-1.7x faster, at an error bench/compact.py measures.
+  quantized to int8 (`int8_matmul`, as llama.cpp's dot products do): 1.2-1.7x faster, at an error
+  bench/compact.py measures.
 - With `requantize` (`--quantize int4`) every type goes to int4 groups of 32 (round to nearest over each group's
   min..max): smaller and faster (a Q6_K lm_head multiplies about 1.9x faster as int4 than as int8 rows) at the
   cost of 4-bit error where the file kept 5, 6 or 8 bits; bench/compact.py measures it.
@@ -169,7 +170,8 @@ def is_compact(s: ExpertSlice) -> bool:
     return any(p.role.endswith(("_sz", "_scale")) for p in s.parts)
 
 
-def compact_project(x: torch.Tensor, w: Mapping[str, torch.Tensor], which: str, int8_activations: bool = False) -> torch.Tensor:
+def compact_project(x: torch.Tensor, w: Mapping[str, torch.Tensor], which: str,
+                    int8_activations: bool = False) -> torch.Tensor:
     """x [rows, in] (bfloat16) through one compact matrix (`int8_activations` as in compact_matmul)."""
     return compact_matmul(w, which, int8_activations)(x)
 

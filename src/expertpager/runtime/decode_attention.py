@@ -4,8 +4,8 @@ slow path for a single bfloat16 query (measured here: 0.42 ms a layer at 100 cac
 by its keys and values as transformers' eager attention does (products in the model's dtype, softmax in float32);
 a prompt (several queries) goes to transformers' sdpa as before. Its KV cache grows in blocks of KV_BLOCK tokens
 (doubling up to there) rather than by concatenation (DynamicCache copies every cached key and value on every
-token: 12 ms a token at 2,048 tokens of context here). Both paged and fully cached runs of the tier use both, so they stay equal bit for
-bit."""
+token: 12 ms a token at 2,048 tokens of context here). Both paged and fully cached runs of the tier use both, so
+they stay equal bit for bit."""
 
 import torch
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel

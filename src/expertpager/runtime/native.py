@@ -42,7 +42,8 @@ def isa() -> str | None:
     """The instruction set the kernels use here: avx512, avx2, or None (see the module's docstring)."""
     wanted = os.environ.get("EXPERTPAGER_NATIVE", "1")
     if wanted not in ("0", "1", *ISAS):
-        raise ExpertPagerError(f"EXPERTPAGER_NATIVE={wanted!r}: use 0 (off), 1 (the best this CPU has), {' or '.join(ISAS)}")
+        raise ExpertPagerError(f"EXPERTPAGER_NATIVE={wanted!r}: use 0 (off), 1 (the best this CPU has), "
+                               f"{' or '.join(ISAS)}")
     if wanted == "0":
         return None
     flags = _cpu_flags()
@@ -100,7 +101,9 @@ def describe() -> str:
     """Which kernels the compact tier multiplies with here, for run's stats (short: it is a table cell)."""
     if kernels() is not None:
         return f"native {isa()}, int8 activations"
-    return "torch (EXPERTPAGER_NATIVE=0)" if os.environ.get("EXPERTPAGER_NATIVE") == "0" else "torch (no native kernels)"
+    if os.environ.get("EXPERTPAGER_NATIVE") == "0":
+        return "torch (EXPERTPAGER_NATIVE=0)"
+    return "torch (no native kernels)"
 
 
 def q4_fits(weight: torch.Tensor) -> bool:

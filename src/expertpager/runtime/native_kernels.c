@@ -218,13 +218,12 @@ static void q4_block_avx2(int mt, const Acts *a, long m0, const uint8_t *w, cons
             }
         }
     }
-    for (int m = 0; m < mt; m++)
+    for (int m = 0; m < mt; m++)  /* registers (0, 1) hold rows 0-7 | 16-23 of each half, (2, 3) rows 8-15 | 24-31 */
         for (int h = 0; h < 2; h++)
-            for (int j = 0; j < 4; j++) {
-                __m256 r = _mm256_permute2f128_ps(accf[m][4 * h + (j / 2) * 2], accf[m][4 * h + (j / 2) * 2 + 1], j % 2 ? 0x31 : 0x20);
-                /* rows 32 h + 8 j' : register pairs (0,1) hold rows 0-7 | 16-23, (2,3) rows 8-15 | 24-31 */
-                int first = 32 * h + (j / 2) * 8 + (j % 2) * 16;
-                _mm256_storeu_ps(out + m * 64 + first, r);
+            for (int p = 0; p < 2; p++) {
+                __m256 a = accf[m][4 * h + 2 * p], b = accf[m][4 * h + 2 * p + 1];
+                _mm256_storeu_ps(out + m * 64 + 32 * h + 8 * p, _mm256_permute2f128_ps(a, b, 0x20));
+                _mm256_storeu_ps(out + m * 64 + 32 * h + 8 * p + 16, _mm256_permute2f128_ps(a, b, 0x31));
             }
 }
 
